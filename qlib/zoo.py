@@ -1,0 +1,110 @@
+"""The book's model registry: every trained network a chapter or a workload refers to by name.
+
+``get(name)`` trains the model on first use (seeded, model selection on a 10 % validation
+split of the training set) and caches it under ``$QLIB_CACHE``; later calls load the
+checkpoint. Names, not code, are what notebooks and workload files refer to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from qlib import data, models
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a registered model is built and trained."""
+
+    dataset: str
+    arch: dict
+    epochs: int = 20
+    lr: float = 1e-3
+    batch_size: int = 128
+    weight_decay: float = 0.0
+    seed: int = 0
+    note: str = ""
+    tags: tuple[str, ...] = field(default=())
+
+
+def _mnist_mlp(layers: int, width: int) -> Recipe:
+    return Recipe(
+        "mnist",
+        {"kind": "mlp", "in_shape": [1, 28, 28], "hidden": [width] * (layers - 1), "classes": 10},
+        note=f"{layers} linear layers of width {width} (the certification chapter's grid)",
+        tags=("certification-grid",),
+    )
+
+
+REGISTRY: dict[str, Recipe] = {
+    f"mnist-mlp-{k}x{h}": _mnist_mlp(k, h) for k in (3, 4, 5, 6) for h in (64, 128, 256, 512)
+}
+REGISTRY |= {
+    "mnist-mlp-512-256": Recipe(
+        "mnist",
+        {"kind": "mlp", "in_shape": [1, 28, 28], "hidden": [512, 256], "classes": 10},
+        note="784-512-256-10, the post-training quantisation chapter's MLP",
+    ),
+    "fashion-mlp": Recipe(
+        "fashion-mnist",
+        {"kind": "mlp", "in_shape": [1, 28, 28], "hidden": [256, 128, 64, 32, 16], "classes": 10},
+        epochs=10,
+        note="784-256-128-64-32-16-10, the published F-MNIST MLP",
+    ),
+    "fashion-cnn": Recipe(
+        "fashion-mnist",
+        {"kind": "cnn", "in_shape": [1, 28, 28], "channels": [16, 32], "hidden": 100, "classes": 10},
+        epochs=8,
+        note="two stride-2 3x3 convolutions (16, 32 channels), 100 hidden units",
+    ),
+    "digits-mlp": Recipe(
+        "digits",
+        {"kind": "mlp", "in_shape": [1, 8, 8], "hidden": [32, 32], "classes": 10},
+        epochs=60,
+        note="64-32-32-10 on 8x8 digits, small enough for exact solvers",
+    ),
+}
+
+
+def names(tag: str | None = None) -> list[str]:
+    """Registered model names (those carrying ``tag`` if given)."""
+    return [n for n, r in REGISTRY.items() if tag is None or tag in r.tags]
+
+
+def recipe(name: str) -> Recipe:
+    """The recipe of a registered model; an unknown name lists the known ones."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; registered models: {', '.join(REGISTRY)}") from None
+
+
+def get(
+    name: str,
+    *,
+    epochs: int | None = None,
+    train_limit: int | None = None,
+    progress: bool = True,
+) -> nn.Sequential:
+    """The trained model ``name`` (from the cache, or trained now and cached).
+
+    ``epochs`` and ``train_limit`` shorten training for quick runs; they are part of the
+    cache key, so a quick model never stands in for a full one.
+    """
+    r = recipe(name)
+    X, y = data.load(r.dataset, "train", limit=train_limit)
+    train, val = data.train_val_split(X, y, 0.1, seed=r.seed)
+    return models.trained(
+        name,
+        r.arch,
+        train,
+        val=val,
+        seed=r.seed,
+        epochs=epochs or r.epochs,
+        lr=r.lr,
+        batch_size=r.batch_size,
+        weight_decay=r.weight_decay,
+        progress=progress,
+    )

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the book needs, or says exactly what to install.
+# Later chapters add their tools (iverilog, yosys) to PACKAGES.
+set -euo pipefail
+PACKAGES=(dataset-fashion-mnist)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if command -v apt-get >/dev/null 2>&1; then
+  if [ "$(id -u)" -eq 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi
+  if [ "$SUDO" != none ]; then
+    echo "[sysdeps] installing ${missing[*]} with apt-get"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+    exit 0
+  fi
+fi
+echo "[sysdeps] missing system packages: ${missing[*]}" >&2
+echo "[sysdeps] install them (Debian/Ubuntu: sudo apt-get install ${missing[*]}), or use environment.yml with conda, then run make again" >&2
+exit 1
