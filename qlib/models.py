@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -247,6 +247,28 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QLIB_CACHE", ".qlib-cache"))
 
 
+def cached(
+    name: str, arch: dict, key: dict, fit: Callable[[nn.Sequential], dict], *, seed: int = 0
+) -> nn.Sequential:
+    """The model ``name`` built from ``arch`` and trained by ``fit``, cached under ``cache_dir()``.
+
+    ``key`` describes everything that determines the trained weights besides ``arch`` and
+    ``seed`` (data size, training arguments); any change trains a new model instead of reusing a
+    stale one. ``fit`` trains the freshly built model in place and returns metadata to store.
+    """
+    text = json.dumps({"arch": arch, "seed": seed, **key}, sort_keys=True, default=str)
+    digest = hashlib.sha1(text.encode()).hexdigest()[:10]
+    path = cache_dir() / f"{name}-{digest}.pt"
+    if path.is_file():
+        log.info("loading cached model %s", path)
+        return load(path, arch)
+    model = build(arch, seed=seed)
+    meta = {"name": name, "key": text, **(fit(model) or {})}
+    save(model, path, meta)
+    model.meta = meta
+    return model.eval()
+
+
 def trained(
     name: str,
     arch: dict,
@@ -257,24 +279,13 @@ def trained(
     progress: bool = True,
     **train_kwargs,
 ) -> nn.Sequential:
-    """Return a trained model from the cache, training (and caching) it on a miss.
+    """A model trained with ``train`` on ``data`` (from the cache, or trained now and cached)."""
 
-    The cache key covers the architecture, the seed, the training arguments and the data
-    size, so changing any of them trains a new model instead of reusing a stale one.
-    """
-    key = json.dumps(
-        {"arch": arch, "seed": seed, "n": len(data[0]), "train": train_kwargs}, sort_keys=True
-    )
-    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
-    path = cache_dir() / f"{name}-{digest}.pt"
-    if path.is_file():
-        log.info("loading cached model %s", path)
-        return load(path, arch)
-    model = build(arch, seed=seed)
-    result = train(model, data, val=val, seed=seed, progress=progress, **train_kwargs)
-    meta = {"name": name, "key": key, "best_epoch": result.best_epoch}
-    if val is not None:
-        meta["val_accuracy"] = max(result.val_accuracy)
-    save(model, path, meta)
-    model.meta = meta
-    return model
+    def fit(model: nn.Sequential) -> dict:
+        result = train(model, data, val=val, seed=seed, progress=progress, **train_kwargs)
+        meta = {"best_epoch": result.best_epoch}
+        if val is not None:
+            meta["val_accuracy"] = max(result.val_accuracy)
+        return meta
+
+    return cached(name, arch, {"n": len(data[0]), "train": train_kwargs}, fit, seed=seed)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from qlib import data, models
+from qlib.quant import Perturbation
 
 
 @dataclass(frozen=True)
@@ -108,3 +109,68 @@ def get(
         weight_decay=r.weight_decay,
         progress=progress,
     )
+
+
+@dataclass(frozen=True)
+class RobustRecipe:
+    """Certified robust training of a registered architecture (``qlib.robust.train``)."""
+
+    epochs: int = 30
+    warmup: int = 3
+    ramp: int = 15
+    lr: float = 1e-3
+    batch_size: int = 128
+
+
+ROBUST = RobustRecipe()
+
+
+def robust(
+    base: str,
+    pert: Perturbation | int,
+    *,
+    kappa: float = 0.5,
+    method: str = "ibp",
+    epochs: int | None = None,
+    train_limit: int | None = None,
+    progress: bool = True,
+) -> nn.Sequential:
+    """``base``'s architecture trained robustly against ``pert`` (or ``Perturbation.for_bits``).
+
+    Cached like ``get``: the perturbation, kappa, method and schedule are part of the key.
+    Model selection uses verified accuracy on the validation split, never the test set.
+    """
+    from qlib import robust as robust_training
+
+    r = recipe(base)
+    if isinstance(pert, int):
+        tag, pert = f"{pert}b", Perturbation.for_bits(pert)
+    else:
+        tag = "custom"
+    X, y = data.load(r.dataset, "train", limit=train_limit)
+    train, val = data.train_val_split(X, y, 0.1, seed=r.seed)
+    settings = {
+        "epochs": epochs or ROBUST.epochs,
+        "warmup": min(ROBUST.warmup, max(0, (epochs or ROBUST.epochs) - 1)),
+        "ramp": ROBUST.ramp if epochs is None else max(1, epochs // 2),
+        "lr": ROBUST.lr,
+        "batch_size": ROBUST.batch_size,
+        "kappa": kappa,
+        "method": method,
+    }
+
+    def fit(model: nn.Sequential) -> dict:
+        result = robust_training.train(
+            model, train, pert, val=val, seed=r.seed, progress=progress, **settings
+        )
+        return {
+            "best_epoch": result.best_epoch,
+            "val_verified": result.val_verified[result.best_epoch],
+            "val_accuracy": result.val_clean[result.best_epoch],
+            "val_verified_curve": result.val_verified,
+            "val_clean_curve": result.val_clean,
+        }
+
+    key = {"n": len(train[0]), "robust": settings, "pert": pert.as_tuple()}
+    name = f"robust-{base}-{tag}-k{kappa:g}-{method}"
+    return models.cached(name, r.arch, key, fit, seed=r.seed)

@@ -1,0 +1,323 @@
+"""Concrete perturbed networks inside the boxes of a ``Perturbation``: lower bounds on the discrepancy.
+
+Every value returned here is attained by one concrete network of the perturbation model (with its
+own weights per sample), so the sound bounds of ``qlib.bounds`` must contain it; the tests use that.
+Three searches: random vertices of the boxes, projected gradient ascent with sign steps on each
+logit in both directions, and real round-to-nearest quantisation of the model when its error fits
+inside the boxes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qlib import bounds
+from qlib.quant import Perturbation, UniformQuantizer, symmetric_quantizer
+
+Deltas = list[Tensor | None]
+
+
+@dataclass
+class Perturbed:
+    """Deltas of one concrete perturbed network; lists follow the affine layers (``dW``, ``db``)
+    and the hidden ReLUs (``dA``). A delta is shaped like its tensor, or with a leading sample
+    dimension ``[N, ...]`` for a different network per sample; None means zero."""
+
+    dW: Deltas
+    db: Deltas
+    dA: Deltas
+    dX: Tensor | None = None
+
+
+def perturbed_forward(
+    model: nn.Sequential,
+    X: Tensor,
+    pert: Perturbation,
+    *,
+    dW: Deltas | None = None,
+    db: Deltas | None = None,
+    dA: Deltas | None = None,
+    dX: Tensor | None = None,
+) -> Tensor:
+    """Logits ``[N, classes]`` (float64) of the network perturbed by the given deltas.
+
+    Raises ``ValueError`` unless every delta lies in its box (``|dW| <= eps_weight`` etc.). Inputs
+    are clamped to [0, 1] and activations to >= 0 after adding the delta; since the nominal values
+    lie there, clamping only shrinks the effective delta, so the network stays in the model.
+    """
+    net = bounds.layers(model, X.shape[1:])
+    affine = [layer for layer in net if isinstance(layer, bounds.Affine)]
+    relus = [layer for layer in net if isinstance(layer, bounds.ReLU)]
+    dW = _check_deltas("dW", dW, len(affine), pert.eps_weight)
+    db = _check_deltas("db", db, len(affine), pert.eps_bias)
+    dA = _check_deltas("dA", dA, len(relus), pert.eps_act)
+    (dX,) = _check_deltas("dX", [dX], 1, pert.eps_input)
+    h = X.to(torch.float64)
+    if dX is not None:
+        h = torch.clamp(h + dX.to(torch.float64), 0.0, 1.0)
+    k = r = 0
+    for layer in net:
+        if isinstance(layer, bounds.Affine):
+            h = _affine(layer, h, dW[k], db[k])
+            k += 1
+        elif isinstance(layer, bounds.ReLU):
+            h = torch.relu(h)
+            if dA[r] is not None:
+                h = torch.clamp(h + dA[r].to(torch.float64), min=0.0)
+            r += 1
+        else:
+            h = h.flatten(1)
+    return h
+
+
+def _check_deltas(name: str, deltas: Deltas | None, count: int, eps: float) -> Deltas:
+    if deltas is None:
+        return [None] * count
+    deltas = list(deltas)
+    if len(deltas) != count:
+        raise ValueError(f"{name}: expected {count} entries, got {len(deltas)}")
+    for i, d in enumerate(deltas):
+        if d is not None and not bool((d.abs() <= eps).all()):
+            raise ValueError(
+                f"{name}[{i}] leaves its box: max |delta| {d.abs().max().item()} > {eps}"
+            )
+    return deltas
+
+
+def _affine(layer: bounds.Affine, h: Tensor, dW: Tensor | None, db: Tensor | None) -> Tensor:
+    """``(W + dW) h + (b + db)`` with ``h`` [N, *in_shape]; per-sample deltas have a leading N."""
+    W = layer.module.weight.detach().to(torch.float64)
+    b = layer.bias(W).detach()
+    n = len(h)
+    if dW is not None:
+        W = W + dW.to(torch.float64)
+    if db is not None:
+        b = b + db.to(torch.float64)
+    per_sample = W.ndim > layer.module.weight.ndim
+    if isinstance(layer, bounds.Linear):
+        z = torch.einsum("ni,noi->no", h, W) if per_sample else h @ W.T
+        return z + b
+    m = layer.module
+    if per_sample:
+        # One grouped convolution runs a different kernel for every sample.
+        z = F.conv2d(
+            h.reshape(1, -1, *h.shape[2:]),
+            W.reshape(-1, *W.shape[2:]),
+            None,
+            m.stride,
+            m.padding,
+            m.dilation,
+            m.groups * n,
+        )
+        z = z.reshape(n, -1, *z.shape[2:])
+    else:
+        z = F.conv2d(h, W, None, m.stride, m.padding, m.dilation, m.groups)
+    return z + (b.reshape(n, -1, 1, 1) if b.ndim == 2 else b.reshape(-1, 1, 1))
+
+
+def _shapes(model: nn.Sequential, X: Tensor) -> tuple[list[tuple], list[tuple], list[tuple]]:
+    net = bounds.layers(model, X.shape[1:])
+    w = [tuple(layer.module.weight.shape) for layer in net if isinstance(layer, bounds.Affine)]
+    b = [(s[0],) for s in w]
+    a = [layer.out_shape for layer in net if isinstance(layer, bounds.ReLU)]
+    return w, b, a
+
+
+def random_vertex(
+    model: nn.Sequential, X: Tensor, pert: Perturbation, gen: torch.Generator
+) -> Perturbed:
+    """A random vertex of every box, drawn independently per sample."""
+    n = len(X)
+    w, b, a = _shapes(model, X)
+
+    def sign(shape: tuple, eps: float) -> Tensor | None:
+        if eps == 0:
+            return None
+        s = torch.randint(0, 2, (n, *shape), generator=gen, dtype=torch.float64)
+        return (2 * s - 1) * eps
+
+    return Perturbed(
+        [sign(s, pert.eps_weight) for s in w],
+        [sign(s, pert.eps_bias) for s in b],
+        [sign(s, pert.eps_act) for s in a],
+        sign(tuple(X.shape[1:]), pert.eps_input),
+    )
+
+
+def rtn_deltas(model: nn.Sequential, X: Tensor, pert: Perturbation, bits: int) -> Perturbed:
+    """Real ``bits``-bit round-to-nearest quantisation (max-abs symmetric grid per tensor for
+    weights and biases, unsigned grid over [0, 1] for inputs), each kind kept only where its error
+    fits inside the perturbation (else left at zero). Activations stay unquantised."""
+    net = bounds.layers(model, X.shape[1:])
+    dW: Deltas = []
+    db: Deltas = []
+
+    def fit(t: Tensor, eps: float) -> Tensor | None:
+        return t if bool((t.abs() <= eps).all()) else None
+
+    for layer in net:
+        if isinstance(layer, bounds.Affine):
+            W = layer.module.weight.detach().to(torch.float64)
+            dW.append(fit(symmetric_quantizer(W, bits).fake_quant(W) - W, pert.eps_weight))
+            bias = layer.module.bias
+            if bias is None:
+                db.append(None)
+            else:
+                b = bias.detach().to(torch.float64)
+                db.append(fit(symmetric_quantizer(b, bits).fake_quant(b) - b, pert.eps_bias))
+    x = X.to(torch.float64)
+    grid = UniformQuantizer(bits, 1.0 / (2**bits - 1), signed=False)
+    dX = fit(grid.fake_quant(x) - x, pert.eps_input)
+    relus = sum(isinstance(layer, bounds.ReLU) for layer in net)
+    return Perturbed(dW, db, [None] * relus, dX)
+
+
+def attack_logits(
+    model: nn.Sequential,
+    X: Tensor,
+    pert: Perturbation,
+    *,
+    steps: int = 20,
+    restarts: int = 1,
+    vertices: int = 8,
+    bits: Sequence[int] = (),
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Smallest and largest value, each ``[N, classes]`` float64, that each logit was driven to by
+    some concrete perturbed network: inner bounds on the true logit range."""
+    with torch.no_grad():
+        f = perturbed_forward(model, X, pert)
+    lo, hi = f.clone(), f.clone()
+
+    def record(z: Tensor) -> None:
+        nonlocal lo, hi
+        lo, hi = torch.minimum(lo, z), torch.maximum(hi, z)
+
+    objectives = _logit_objectives(f.shape[1])
+    _search(model, X, pert, objectives, record, steps, restarts, vertices, bits, seed)
+    return lo, hi
+
+
+def _logit_objectives(classes: int) -> list[Callable[[Tensor], Tensor]]:
+    """``±logit_j`` for every class ``j``."""
+    return [lambda z, j=j, s=s: s * z[:, j] for j in range(classes) for s in (1.0, -1.0)]
+
+
+def _search(
+    model: nn.Sequential,
+    X: Tensor,
+    pert: Perturbation,
+    objectives: Sequence[Callable[[Tensor], Tensor]],
+    record: Callable[[Tensor], None],
+    steps: int,
+    restarts: int,
+    vertices: int,
+    bits: Sequence[int],
+    seed: int,
+) -> None:
+    """Visit RTN-quantised networks, random vertices and PGD on each objective; every visited
+    network's logits ``[N, classes]`` go to ``record``."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for b in bits:
+            p = rtn_deltas(model, X, pert, b)
+            record(perturbed_forward(model, X, pert, dW=p.dW, db=p.db, dA=p.dA, dX=p.dX))
+        for _ in range(vertices):
+            p = random_vertex(model, X, pert, gen)
+            record(perturbed_forward(model, X, pert, dW=p.dW, db=p.db, dA=p.dA, dX=p.dX))
+    if steps > 0:
+        for objective in objectives:
+            for _ in range(restarts):
+                _pgd(model, X, pert, objective, record, steps, gen)
+
+
+def _pgd(
+    model: nn.Sequential,
+    X: Tensor,
+    pert: Perturbation,
+    objective: Callable[[Tensor], Tensor],
+    record: Callable[[Tensor], None],
+    steps: int,
+    gen: torch.Generator,
+) -> None:
+    """Sign-gradient ascent on ``objective(logits) -> [N]`` from a random vertex, projected onto
+    the boxes; the logits ``[N, classes]`` of every network visited go to ``record``."""
+    start = random_vertex(model, X, pert, gen)
+    groups = [(start.dW, pert.eps_weight), (start.db, pert.eps_bias), (start.dA, pert.eps_act)]
+    groups.append(([start.dX], pert.eps_input))
+    params = [
+        (d.clone().requires_grad_(True), eps) for ds, eps in groups for d in ds if d is not None
+    ]
+    step = 2.5 / max(steps, 1)  # Madry et al.'s step: the box can be crossed in 40 % of the steps
+    for t in range(steps + 1):
+        z = perturbed_forward(model, X, pert, **_unflatten(start, [p for p, _ in params]))
+        record(z.detach())
+        if t == steps or not params:
+            break
+        grads = torch.autograd.grad(objective(z).sum(), [p for p, _ in params], allow_unused=True)
+        with torch.no_grad():
+            for (p, eps), g in zip(params, grads, strict=True):
+                if g is not None:
+                    p.add_(step * eps * torch.sign(g)).clamp_(-eps, eps)
+
+
+@dataclass(frozen=True)
+class AttackedDiscrepancy:
+    """Discrepancies ``[N]`` attained by concrete perturbed networks (lower bounds on the truth):
+    ``d`` = max found ``|p_y - p0|`` on the true-class probability, ``logit_gap`` = max found
+    ``max_j |z_j - f_j|``; ``worst`` and ``worst_logit_gap`` are the data-set maxima."""
+
+    d: Tensor
+    logit_gap: Tensor
+    worst: float
+    worst_logit_gap: float
+
+
+def attack_discrepancy(
+    model: nn.Sequential,
+    X: Tensor,
+    y: Tensor,
+    pert: Perturbation,
+    *,
+    steps: int = 20,
+    restarts: int = 1,
+    vertices: int = 8,
+    bits: Sequence[int] = (),
+    seed: int = 0,
+) -> AttackedDiscrepancy:
+    """Search concrete networks that move the true-class probability of ``X`` [N, ...] with labels
+    ``y`` [N] up and down, and every logit up and down."""
+    y = y.long()
+    with torch.no_grad():
+        f = perturbed_forward(model, X, pert)
+    p0 = torch.softmax(f, 1).gather(1, y[:, None]).squeeze(1)
+    d = torch.zeros_like(p0)
+    gap = torch.zeros_like(p0)
+
+    def record(z: Tensor) -> None:
+        nonlocal d, gap
+        p = torch.softmax(z, 1).gather(1, y[:, None]).squeeze(1)
+        d = torch.maximum(d, (p - p0).abs())
+        gap = torch.maximum(gap, (z - f).abs().amax(1))
+
+    def log_p(z: Tensor) -> Tensor:
+        return torch.log_softmax(z, 1).gather(1, y[:, None]).squeeze(1)
+
+    objectives = [log_p, lambda z: -log_p(z), *_logit_objectives(f.shape[1])]
+    _search(model, X, pert, objectives, record, steps, restarts, vertices, bits, seed)
+    return AttackedDiscrepancy(d, gap, d.max().item(), gap.max().item())
+
+
+def _unflatten(template: Perturbed, flat: list[Tensor]) -> dict[str, Deltas | Tensor | None]:
+    """Put optimised tensors back into the slots that are not None in ``template``."""
+    it = iter(flat)
+    out: dict[str, Deltas | Tensor | None] = {}
+    for name in ("dW", "db", "dA"):
+        out[name] = [None if d is None else next(it) for d in getattr(template, name)]
+    out["dX"] = None if template.dX is None else next(it)
+    return out

@@ -1,0 +1,384 @@
+"""Soundness and tightness of ``qlib.bounds`` against concrete perturbed networks."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from qlib import attack, bounds, models
+from qlib.quant import Perturbation, symmetric_quantizer
+
+METHODS = ("ibp", "crown-ibp", "crown")
+TOL = 1e-9
+EPS = (0.0, 1 / 1023, 1 / 64, 1 / 8)
+KINDS = ("input", "weight", "bias", "act")
+
+
+def small_net(kind: str, size: int, seed: int) -> nn.Sequential:
+    if kind == "mlp":
+        return models.mlp([1, size, size], [6, 5], 4, seed=seed)
+    return models.cnn([1, size, size], 3, channels=(2, 3), hidden=5, seed=seed)
+
+
+def pert_of(kind: str, eps: float) -> Perturbation:
+    return Perturbation.uniform(eps) if kind == "all" else Perturbation.only(kind, eps)
+
+
+def inside(lower: torch.Tensor, values: torch.Tensor, upper: torch.Tensor) -> bool:
+    return bool((lower <= values + TOL).all() and (values <= upper + TOL).all())
+
+
+# ----------------------------------------------------------------------------- soundness
+
+
+@settings(max_examples=14, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    arch=st.sampled_from(["mlp", "cnn"]),
+    size=st.integers(3, 7),
+    seed=st.integers(0, 10_000),
+    eps=st.sampled_from(EPS),
+    kind=st.sampled_from(("all", *KINDS)),
+)
+def test_bounds_contain_attacked_networks(arch: str, size: int, seed: int, eps: float, kind: str):
+    net = small_net(arch, size, seed)
+    X = torch.rand(4, 1, size, size, generator=torch.Generator().manual_seed(seed))
+    pert = pert_of(kind, eps)
+    lo, hi = attack.attack_logits(net, X, pert, steps=4, vertices=4, bits=(4,), seed=seed)
+    for method in METHODS:
+        lower, upper = bounds.logit_bounds(net, X, pert, method)
+        assert inside(lower, lo, upper) and inside(lower, hi, upper), method
+
+
+def _vertex_logits(net: nn.Sequential, x: torch.Tensor, pert: Perturbation, gen) -> torch.Tensor:
+    """Logits [M, classes] of every vertex of the weight/bias boxes of a 2-3-2 MLP for input x,
+    each with a random input and activation perturbation (dense sampling of the rest)."""
+    linear = [m for m in net if isinstance(m, nn.Linear)]
+    shapes = [m.weight.shape for m in linear] + [m.bias.shape for m in linear]
+    count = sum(s.numel() for s in shapes)
+    signs = torch.tensor(list(itertools.product((-1.0, 1.0), repeat=count)), dtype=torch.float64)
+    m = len(signs)
+    parts = list(torch.split(signs, [s.numel() for s in shapes], dim=1))
+    dW = [p.reshape(m, *s) * pert.eps_weight for p, s in zip(parts[:2], shapes[:2], strict=True)]
+    db = [p.reshape(m, *s) * pert.eps_bias for p, s in zip(parts[2:], shapes[2:], strict=True)]
+    dA = [(2 * torch.rand(m, 3, generator=gen, dtype=torch.float64) - 1) * pert.eps_act]
+    dX = (2 * torch.rand(m, 2, generator=gen, dtype=torch.float64) - 1) * pert.eps_input
+    return attack.perturbed_forward(net, x.expand(m, 2), pert, dW=dW, db=db, dA=dA, dX=dX)
+
+
+@pytest.mark.parametrize("seed, eps", [(0, 1 / 64), (1, 1 / 8), (2, 0.5)])
+def test_brute_force_enumeration(seed: int, eps: float):
+    """2 inputs, 3 hidden, 2 outputs: all 2^17 weight/bias vertices plus dense random samples."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.rand(2, 2, generator=gen)
+    pert = Perturbation(eps, eps, eps / 2, eps)
+    y = torch.zeros(2, dtype=torch.long)
+    results = {
+        m: (*bounds.logit_bounds(net, X, pert, m), bounds.margin_bounds(net, X, y, pert, m))
+        for m in METHODS
+    }
+    for i in range(len(X)):
+        z = _vertex_logits(net, X[i], pert, gen)
+        dense = attack.random_vertex(net, X[i : i + 1].expand(4096, 2), pert, gen)
+        scale = torch.rand(4096, 1, generator=gen, dtype=torch.float64)
+        z2 = attack.perturbed_forward(
+            net,
+            X[i : i + 1].expand(4096, 2),
+            pert,
+            dW=[d * scale[:, :, None] for d in dense.dW],
+            db=[d * scale for d in dense.db],
+            dA=[d * scale for d in dense.dA],
+            dX=dense.dX * scale,
+        )
+        z = torch.cat([z, z2])
+        for method, (lower, upper, margin) in results.items():
+            assert inside(lower[i], z, upper[i]), method
+            assert (z[:, 0] - z[:, 1] >= margin[i, 1] - TOL).all(), method
+
+
+def test_single_layer_linear_bounds_are_exact():
+    """For one affine layer over a non-negative input box the linear bound is attained."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(9, 4))
+    X = torch.rand(5, 1, 3, 3)
+    pert = Perturbation(0.05, 0.02, 0.01, 0.0)
+    lower, upper = bounds.logit_bounds(net, X, pert, "crown")
+    box = bounds.input_box(X.flatten(1), pert)
+    W = net[1].weight.detach().double()
+    for j in range(4):
+        for sign, bound in ((-1.0, lower), (1.0, upper)):
+            # The optimum: every weight and the bias pushed by sign * eps, each input at the end
+            # where the perturbed weight, times sign, is largest.
+            w = W[j] + sign * pert.eps_weight
+            x_hat = torch.where(sign * w >= 0, box.upper, box.lower)
+            dW = torch.zeros(len(X), 4, 9, dtype=torch.float64)
+            dW[:, j] = sign * pert.eps_weight
+            db = torch.zeros(len(X), 4, dtype=torch.float64)
+            db[:, j] = sign * pert.eps_bias
+            z = attack.perturbed_forward(
+                net,
+                X,
+                pert,
+                dW=[dW],
+                db=[db],
+                dX=torch.where(x_hat > X.flatten(1), pert.eps_input, -pert.eps_input).reshape(
+                    X.shape
+                ),
+            )
+            assert torch.allclose(z[:, j], bound[:, j], atol=1e-12)
+
+
+def _published_ibp_linear(layer: nn.Linear, lo: torch.Tensor, hi: torch.Tensor, pert):
+    """The rule of the published code: eps_w ||c||_1 added to the centre (unsound)."""
+    W, b = layer.weight.double(), layer.bias.double()
+    c, r = (hi + lo) / 2, (hi - lo) / 2
+    out_c = c @ W.T + b + pert.eps_weight * c.abs().sum(1, keepdim=True)
+    out_r = r @ W.abs().T + pert.eps_weight * r.abs().sum(1, keepdim=True) + pert.eps_bias
+    return out_c - out_r, out_c + out_r
+
+
+def test_published_centre_rule_is_violated_ours_holds():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 3))
+    X = torch.rand(2, 16)
+    pert = Perturbation(1 / 256, 1 / 128, 1 / 128, 0.0)
+    box = bounds.input_box(X, pert)
+    pub_lower, _ = _published_ibp_linear(net[0], box.lower, box.upper, pert)
+    # Witness: every weight and bias lowered by its eps, inputs unchanged.
+    W = net[0].weight
+    dW = [torch.full(W.shape, -pert.eps_weight, dtype=torch.float64)]
+    db = [torch.full((3,), -pert.eps_bias, dtype=torch.float64)]
+    z = attack.perturbed_forward(net, X, pert, dW=dW, db=db)
+    assert (z < pub_lower - 1e-3).all(), "the published lower bound should be violated"
+    for method in METHODS:
+        lower, upper = bounds.logit_bounds(net, X, pert, method)
+        assert inside(lower, z, upper)
+
+
+# ----------------------------------------------------------------------------- tightness
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_crown_tighter_than_ibp(arch: str):
+    ratios = []
+    for seed in range(4):
+        net = small_net(arch, 8, seed)
+        X = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+        pert = Perturbation.uniform(1 / 64)
+        widths = {}
+        for method in METHODS:
+            lower, upper = bounds.logit_bounds(net, X, pert, method)
+            widths[method] = (upper - lower).mean().item()
+        assert widths["crown"] <= widths["crown-ibp"] + TOL <= widths["ibp"] + 2 * TOL
+        ratios.append(widths["ibp"] / widths["crown"])
+    assert sum(ratios) / len(ratios) > 1.1
+
+
+def test_intermediate_stop_between_crown_ibp_and_crown():
+    net = models.mlp([1, 4, 4], [8, 8, 8], 3, seed=5)
+    X = torch.rand(8, 1, 4, 4, generator=torch.Generator().manual_seed(5))
+    pert = Perturbation.uniform(1 / 32)
+    w = {}
+    for name, kw in {
+        "crown": {"method": "crown"},
+        "stop1": {"method": "crown", "intermediate_stop": 1},
+        "crown-ibp": {"method": "crown-ibp"},
+    }.items():
+        lower, upper = bounds.logit_bounds(net, X, pert, **kw)
+        w[name] = (upper - lower).mean().item()
+    assert w["crown-ibp"] >= w["stop1"] - TOL
+    with pytest.raises(ValueError, match="intermediate_stop"):
+        bounds.logit_bounds(net, X, pert, "crown", intermediate_stop=4)
+
+
+def test_margin_bounds_tighter_than_logit_difference():
+    net = small_net("mlp", 5, 7)
+    X = torch.rand(10, 1, 5, 5, generator=torch.Generator().manual_seed(7))
+    y = torch.randint(0, 4, (10,), generator=torch.Generator().manual_seed(8))
+    pert = Perturbation.uniform(1 / 32)
+    for method in METHODS:
+        lower, upper = bounds.logit_bounds(net, X, pert, method)
+        margin = bounds.margin_bounds(net, X, y, pert, method)
+        naive = lower.gather(1, y[:, None]) - upper
+        other = ~torch.nn.functional.one_hot(y, 4).bool()
+        assert (margin[other] >= naive[other] - TOL).all()
+
+
+def test_chunking_does_not_change_bounds():
+    net = small_net("cnn", 6, 1)
+    X = torch.rand(7, 1, 6, 6)
+    pert = Perturbation.uniform(1 / 64)
+    for method in METHODS:
+        a = bounds.logit_bounds(net, X, pert, method)
+        b = bounds.logit_bounds(net, X, pert, method, chunk=3)
+        assert torch.allclose(a[0], b[0]) and torch.allclose(a[1], b[1])
+
+
+def test_zero_perturbation_gives_the_float_logits():
+    net = small_net("cnn", 7, 2)
+    X = torch.rand(5, 1, 7, 7)
+    f = net(X).double()
+    for method in METHODS:
+        lower, upper = bounds.logit_bounds(net, X, Perturbation(), method)
+        assert torch.allclose(lower, f, atol=1e-5) and torch.allclose(upper, f, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- data-set measures
+
+
+def test_verified_never_exceeds_clean_nor_certifies_another_class():
+    for seed in range(2):
+        net = small_net("mlp", 4, seed)
+        X = torch.rand(64, 1, 4, 4, generator=torch.Generator().manual_seed(seed))
+        pred = net(X).argmax(1)
+        # Half the labels agree with the nominal prediction, half are shifted.
+        y = torch.where(torch.arange(64) % 2 == 0, pred, (pred + 1) % 4)
+        for eps in (0.0, 1 / 1023, 1 / 64):
+            pert = Perturbation.uniform(eps)
+            for method in METHODS:
+                for margin in (False, True):
+                    v = bounds.verified_accuracy(net, X, y, pert, method, margin=margin)
+                    assert v.accuracy <= v.clean_accuracy
+                    assert not (v.verified & (pred != y)).any()
+                    assert v.verified.shape == (64,)
+
+
+def test_worst_case_discrepancy_bounds_attacked_discrepancy():
+    net = small_net("mlp", 4, 11)
+    X = torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(11))
+    y = torch.randint(0, 4, (6,), generator=torch.Generator().manual_seed(12))
+    pert = Perturbation.uniform(1 / 32)
+    d = bounds.worst_case_discrepancy(net, X, y, pert, "crown")
+    f = net(X).double()
+    p0 = torch.softmax(f, 1).gather(1, y[:, None]).squeeze(1)
+    assert torch.allclose(d.p0, p0)
+    assert d.worst == pytest.approx(d.d.max().item())
+    assert ((0 <= d.d) & (d.d <= 1)).all()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        p = attack.random_vertex(net, X, pert, gen)
+        z = attack.perturbed_forward(net, X, pert, dW=p.dW, db=p.db, dA=p.dA, dX=p.dX)
+        pz = torch.softmax(z, 1).gather(1, y[:, None]).squeeze(1)
+        assert ((pz - p0).abs() <= d.d + TOL).all()
+        assert ((z - f).abs().amax(1) <= d.logit_gap + TOL).all()
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+def test_bounds_are_differentiable():
+    net = small_net("cnn", 6, 3)
+    X = torch.rand(4, 1, 6, 6)
+    for method in ("ibp", "crown-ibp", "crown"):
+        net.zero_grad()
+        lower, upper = bounds.logit_bounds(
+            net, X, Perturbation.uniform(0.01), method, dtype=torch.float32, differentiable=True
+        )
+        (upper - lower).sum().backward()
+        grads = [p.grad for p in net.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_not_differentiable_by_default():
+    net = small_net("mlp", 3, 0)
+    lower, _ = bounds.logit_bounds(net, torch.rand(2, 1, 3, 3), Perturbation.uniform(0.01))
+    assert not lower.requires_grad
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "module, match",
+    [
+        (nn.Tanh(), r"layer 2 \(Tanh\)"),
+        (nn.MaxPool2d(2), r"layer 2 \(MaxPool2d\)"),
+        (nn.Sigmoid(), r"layer 2 \(Sigmoid\)"),
+    ],
+)
+def test_unsupported_layer_is_named(module: nn.Module, match: str):
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), module, nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=match):
+        bounds.logit_bounds(net, torch.rand(2, 1, 2, 2), Perturbation.uniform(0.01))
+
+
+def test_structure_errors():
+    x = torch.rand(2, 4)
+    pert = Perturbation.uniform(0.01)
+    with pytest.raises(ValueError, match="followed by a ReLU"):
+        bounds.logit_bounds(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), x, pert)
+    with pytest.raises(ValueError, match="must end with"):
+        bounds.logit_bounds(nn.Sequential(nn.Linear(4, 3), nn.ReLU()), x, pert)
+    with pytest.raises(ValueError, match="ReLU must directly follow"):
+        bounds.logit_bounds(nn.Sequential(nn.ReLU(), nn.Linear(4, 2)), x, pert)
+    with pytest.raises(TypeError):
+        bounds.logit_bounds(nn.Linear(4, 2), x, pert)
+
+
+def test_input_errors():
+    net = small_net("mlp", 4, 0)
+    pert = Perturbation.uniform(0.01)
+    with pytest.raises(ValueError, match="sample shape"):
+        bounds.logit_bounds(net, torch.rand(2, 1, 5, 5), pert)
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    with pytest.raises(ValueError, match=r"layer 1 \(Linear\).*expects"):
+        bounds.logit_bounds(plain, torch.rand(2, 1, 5, 5), pert)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        bounds.logit_bounds(net, torch.rand(2, 1, 4, 4) + 1, pert)
+    with pytest.raises(ValueError, match="method"):
+        bounds.logit_bounds(net, torch.rand(2, 1, 4, 4), pert, "lp")
+    with pytest.raises(ValueError, match="y must"):
+        bounds.verified_accuracy(net, torch.rand(2, 1, 4, 4), torch.zeros(3), pert)
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), "x"])
+@pytest.mark.parametrize("name", ["eps_input", "eps_weight", "eps_bias", "eps_act"])
+def test_perturbation_validation(name: str, bad):
+    with pytest.raises(ValueError, match=name):
+        Perturbation(**{name: bad})
+
+
+# ----------------------------------------------------------------------------- Perturbation
+
+
+def test_for_bits_published_convention():
+    assert Perturbation.for_bits(8).as_tuple() == (2**-8, 2**-7, 2**-7, 2**-7)
+    assert Perturbation.for_bits(6).as_tuple() == (1 / 64, 1 / 32, 1 / 32, 1 / 32)
+    assert Perturbation.for_bits(10).as_tuple() == (1 / 1024, 1 / 512, 1 / 512, 1 / 512)
+    assert Perturbation.for_bits(16).as_tuple() == (0.0, 2**-15, 2**-15, 0.0)
+    with pytest.raises(ValueError, match="published convention"):
+        Perturbation.for_bits(4)
+
+
+def test_from_model_covers_real_rounding_errors():
+    net = small_net("cnn", 6, 4)
+    X = torch.rand(20, 1, 6, 6)
+    for bits in (4, 8):
+        pert = Perturbation.from_model(net, bits, X)
+        for m in net:
+            if isinstance(m, nn.Linear | nn.Conv2d):
+                for t in (m.weight, m.bias):
+                    q = symmetric_quantizer(t.detach(), bits)
+                    err = (q.fake_quant(t.detach()) - t.detach()).abs().max().item()
+                    eps = pert.eps_weight if t is m.weight else pert.eps_bias
+                    assert err <= eps * (1 + 1e-6)
+        deltas = attack.rtn_deltas(net, X, pert, bits)
+        assert all(d is not None for d in deltas.dW) and deltas.dX is not None
+    assert Perturbation.from_model(net, 8).eps_act == 0.0
+    with pytest.raises(ValueError, match="bits"):
+        Perturbation.from_model(net, 1)
+
+
+def test_helpers():
+    assert Perturbation.only("weight", 0.1) == Perturbation(0.0, 0.1, 0.0, 0.0)
+    assert Perturbation.uniform(0.2).scaled(0.5) == Perturbation.uniform(0.1)
+    assert Perturbation().is_zero and not Perturbation.only("act", 1e-3).is_zero
+    with pytest.raises(ValueError, match="kind"):
+        Perturbation.only("weights", 0.1)
