@@ -115,9 +115,9 @@ def get(
 class RobustRecipe:
     """Certified robust training of a registered architecture (``qlib.robust.train``)."""
 
-    epochs: int = 30
-    warmup: int = 3
-    ramp: int = 15
+    epochs: int = 20
+    warmup: int = 2
+    ramp: int = 10
     lr: float = 1e-3
     batch_size: int = 128
 
