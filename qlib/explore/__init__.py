@@ -1,0 +1,11 @@
+"""Mixed-precision exploration: NSGA-II over per-layer bit widths (accuracy vs bits or DRAM energy).
+
+Modules: ``workload`` (YAML schema), ``fakequant`` (ModelOpt fake quantisation), ``weather``
+(corruptions), ``traffic`` (ZigZag and linear DRAM models), ``store`` (SQLite results and
+cache), ``context`` (model, data, evaluator), ``problems`` (pymoo), ``run`` (NSGA-II driver),
+``finetune`` (re-evaluation and retraining). CLI: ``python -m qlib.explore --help``.
+"""
+
+from qlib.explore.workload import Workload, WorkloadError, load, parse
+
+__all__ = ["Workload", "WorkloadError", "load", "parse"]

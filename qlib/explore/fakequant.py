@@ -1,0 +1,156 @@
+"""Per-layer mixed-precision fake quantisation with NVIDIA ModelOpt.
+
+``quantize`` inserts one input and one weight ``TensorQuantizer`` into every Conv2d (and,
+unless ``conv_only``, Linear) layer, calibrates the input ranges (running max, or the
+99.99th percentile of a histogram as in the SOCC'23 paper) and returns a ``QuantNet``
+whose genome ``[in_0, w_0, in_1, w_1, ...]`` (bits per quantiser, layers in forward order)
+is set with ``set_bits``. Ranges are calibrated once and reused at every bit width.
+Weights are quantised per tensor, symmetric, with their own max as range (the paper's setting).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+CALIBRATION_METHODS = ("max", "percentile")
+
+
+def _mtq():
+    # ModelOpt takes seconds to import; import it only when quantising.
+    import modelopt.torch.quantization as mtq
+
+    return mtq
+
+
+def _config(conv_only: bool) -> dict:
+    entries = [
+        {"quantizer_name": "*", "enable": False},
+        {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": 8, "axis": None}},
+        {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": 8, "axis": None}},
+    ]
+    if conv_only:  # the paper quantises only convolutions; Linear layers stay float
+        entries.append({"quantizer_name": "*", "parent_class": "nn.Linear", "enable": False})
+    return {"quant_cfg": entries, "algorithm": "max"}
+
+
+@dataclass
+class QuantNet:
+    """A fake-quantised copy of a network and the names of its quantised layers."""
+
+    model: nn.Module
+    layers: list[str]
+
+    @property
+    def n_genes(self) -> int:
+        return 2 * len(self.layers)
+
+    def set_bits(self, genome: Sequence[int]) -> None:
+        """Set bits per quantiser: ``genome[2i]`` input and ``genome[2i+1]`` weight of layer i."""
+        if len(genome) != self.n_genes:
+            raise ValueError(f"genome has {len(genome)} genes, expected {self.n_genes}")
+        if min(genome) < 2:
+            raise ValueError(f"bits must be >= 2 (1 bit gives NaN), got {list(genome)}")
+        mods = dict(self.model.named_modules())
+        for i, name in enumerate(self.layers):
+            mods[name].input_quantizer.num_bits = int(genome[2 * i])
+            mods[name].weight_quantizer.num_bits = int(genome[2 * i + 1])
+
+    @contextlib.contextmanager
+    def frozen_weights(self) -> Iterator[None]:
+        """Inference only: fake-quantise each weight once instead of on every forward pass.
+
+        Gives the same outputs (weights are constant within one genome) and saves ModelOpt's
+        per-call weight quantisation; the float weights are restored on exit.
+        """
+        mods = dict(self.model.named_modules())
+        saved = {}
+        try:
+            with torch.no_grad():
+                for name in self.layers:
+                    m = mods[name]
+                    saved[name] = m.weight.data
+                    if m.weight_quantizer.is_enabled:
+                        m.weight.data = m.weight_quantizer(m.weight.data)
+                        m.weight_quantizer.disable_quant()
+            yield
+        finally:
+            for name, w in saved.items():
+                mods[name].weight.data = w
+                mods[name].weight_quantizer.enable_quant()
+
+    def input_amax(self) -> dict[str, float]:
+        """Calibrated input range per layer (to rebuild the network elsewhere with ``restore``)."""
+        mods = dict(self.model.named_modules())
+        return {n: float(mods[n].input_quantizer.amax) for n in self.layers}
+
+
+def quantizable_layers(model: nn.Module, conv_only: bool) -> list[str]:
+    """Names of the layers that get quantisers, in forward order of an ``nn.Sequential``."""
+    kinds = (nn.Conv2d,) if conv_only else (nn.Conv2d, nn.Linear)
+    return [n for n, m in model.named_modules() if isinstance(m, kinds)]
+
+
+def quantize(
+    model: nn.Module,
+    calib: Tensor,
+    *,
+    conv_only: bool = False,
+    method: str = "percentile",
+    percentile: float = 99.99,
+    batch_size: int = 512,
+) -> QuantNet:
+    """Fake-quantise a copy of ``model`` and calibrate input ranges on ``calib`` ``[N, C, H, W]``."""
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration method {method!r}; expected one of {CALIBRATION_METHODS}")
+    mtq = _mtq()
+
+    def forward_loop(m: nn.Module) -> None:
+        with torch.no_grad():
+            for i in range(0, len(calib), batch_size):
+                m(calib[i : i + batch_size])
+
+    layers = quantizable_layers(model, conv_only)
+    q = mtq.quantize(copy.deepcopy(model).eval(), _config(conv_only), forward_loop=forward_loop)
+    if method == "percentile":
+        _percentile_inputs(q, layers, forward_loop, percentile)
+    return QuantNet(q, layers)
+
+
+def restore(model: nn.Module, input_amax: dict[str, float], *, conv_only: bool = False) -> QuantNet:
+    """Rebuild a ``QuantNet`` from calibrated input ranges without calibration data.
+
+    ModelOpt's quantised modules cannot be pickled, so Dask workers rebuild the network from the
+    float weights and these ranges (weight ranges are the weights' max, recomputed here).
+    """
+    mtq = _mtq()
+    layers = quantizable_layers(model, conv_only)
+    if set(input_amax) != set(layers):
+        raise ValueError(f"ranges for layers {sorted(input_amax)}, model has {layers}")
+    q = mtq.quantize(copy.deepcopy(model).eval(), _config(conv_only), forward_loop=None)
+    mods = dict(q.named_modules())
+    for name, amax in input_amax.items():
+        mods[name].input_quantizer.amax = torch.tensor(amax)
+    return QuantNet(q, layers)
+
+
+def _percentile_inputs(q: nn.Module, layers: list[str], forward_loop, percentile: float) -> None:
+    """Replace the input ranges by the ``percentile`` of a histogram of each layer's inputs."""
+    from modelopt.torch.quantization.calib import HistogramCalibrator
+
+    mods = dict(q.named_modules())
+    quantizers = [mods[n].input_quantizer for n in layers]
+    for tq in quantizers:
+        tq._calibrator = HistogramCalibrator(num_bits=tq.num_bits, axis=None, unsigned=False)
+        tq.disable_quant()  # collect statistics of float activations, as the paper does
+        tq.enable_calib()
+    forward_loop(q)
+    for tq in quantizers:
+        tq.load_calib_amax("percentile", percentile=percentile)
+        tq.disable_calib()
+        tq.enable_quant()
