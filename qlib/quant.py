@@ -205,3 +205,30 @@ def _max_activation(model: nn.Module, X: Tensor) -> float:
             if isinstance(layer, nn.ReLU) and h.numel():
                 best = max(best, h.max().item())
     return best
+
+
+def perturbation_between(model: nn.Module, quantized: nn.Module) -> Perturbation:
+    """The smallest weight-and-bias ``Perturbation`` whose box contains ``quantized``.
+
+    ``model`` and ``quantized`` must have the same layers (e.g. a float network and its
+    post-training-quantised copy); inputs and activations are left unperturbed.
+    """
+    pairs = [
+        (name, a, b)
+        for (name, a), (_, b) in zip(model.named_modules(), quantized.named_modules(), strict=True)
+        if isinstance(a, nn.Linear | nn.Conv2d)
+    ]
+    if not pairs:
+        raise ValueError("model has no Linear or Conv2d layer")
+    eps_w = eps_b = 0.0
+    for name, a, b in pairs:
+        if type(a) is not type(b) or a.weight.shape != b.weight.shape:
+            raise ValueError(f"layer {name!r}: {a} and {b} do not match")
+        eps_w = max(eps_w, (a.weight - b.weight).abs().max().item())
+        if a.bias is not None:
+            eps_b = max(eps_b, (a.bias - b.bias).abs().max().item())
+    # Round outwards so that the float32 differences lie inside the box after any re-rounding.
+    def outward(v: float) -> float:
+        return math.nextafter(v, math.inf) if v > 0 else 0.0
+
+    return Perturbation(eps_weight=outward(eps_w), eps_bias=outward(eps_b))
