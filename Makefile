@@ -19,7 +19,7 @@ sysdeps:
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[book,dev]'
+	$(PIP) -e '.[book,dev,bench]'
 	@touch $@
 
 book: notebooks html

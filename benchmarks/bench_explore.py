@@ -12,8 +12,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,7 +31,7 @@ def _genomes(n: int, n_genes: int, lo: int, hi: int, seed: int = 0) -> list[tupl
     return list(dict.fromkeys(tuple(int(v) for v in rng.integers(lo, hi + 1, n_genes)) for _ in range(n)))
 
 
-def overhead(p: context.Prepared, repeats: int = 40) -> None:
+def overhead(p: context.Prepared, repeats: int = 40) -> dict:
     ev = p.evaluator
     X, y = ev.X, ev.y
     ev([8] * (2 * len(ev.input_amax)))  # build the network once
@@ -43,9 +45,11 @@ def overhead(p: context.Prepared, repeats: int = 40) -> None:
     b, q = statistics.median(bare), statistics.median(quant)
     print(f"[overhead] {len(X)} images: bare forward {b * 1e3:.1f} ms, evaluated individual "
           f"{q * 1e3:.1f} ms (median of {repeats}), overhead {100 * (q / b - 1):.0f} %")
+    return {"images": len(X), "bare_forward_ms": b * 1e3, "individual_ms": q * 1e3,
+            "overhead_percent": 100 * (q / b - 1)}
 
 
-def dask_speedup(p: context.Prepared, n: int = 32) -> None:
+def dask_speedup(p: context.Prepared, n: int = 32) -> dict:
     genomes = _genomes(n, 2 * len(p.evaluator.input_amax), 2, 16, seed=1)
     with Store(":memory:", "bench") as store:
         t = time.perf_counter()
@@ -67,9 +71,11 @@ def dask_speedup(p: context.Prepared, n: int = 32) -> None:
           f"(torch threads {torch.get_num_threads()}), 2 Dask workers (1 thread each) "
           f"{parallel:.2f} s after warm-up -> speed-up {serial / parallel:.2f}x; "
           f"cluster start {started:.1f} s")
+    return {"genomes": len(genomes), "serial_s": serial, "dask_2_workers_s": parallel,
+            "speedup": serial / parallel, "cluster_start_s": started}
 
 
-def search_quality(p: context.Prepared, seeds=(1, 2, 3)) -> None:
+def search_quality(p: context.Prepared, seeds=(1, 2, 3)) -> dict:
     from pymoo.indicators.hv import HV
 
     w = p.workload
@@ -95,6 +101,7 @@ def search_quality(p: context.Prepared, seeds=(1, 2, 3)) -> None:
     print(f"[search] budget ~{budget} (NSGA-II evaluated {n_evals} distinct genomes, random the "
           f"same number); hypervolume NSGA-II {np.mean(res_n):.3f} +- {np.std(res_n):.3f}, "
           f"random {np.mean(res_r):.3f} +- {np.std(res_r):.3f} over seeds {list(seeds)}")
+    return {"evaluations": n_evals, "seeds": list(seeds), "hv_nsga2": res_n, "hv_random": res_r}
 
 
 def main() -> None:
@@ -102,6 +109,8 @@ def main() -> None:
     ap.add_argument("--workload", default="workloads/fashion_cnn_quant.yaml")
     ap.add_argument("--population", type=int, default=12)
     ap.add_argument("--generations", type=int, default=8)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--out", help="write the results here as JSON")
     a = ap.parse_args()
     w = wl.load(a.workload)
     w = w.model_copy(update={"nsga2": w.nsga2.model_copy(
@@ -110,9 +119,15 @@ def main() -> None:
     print(f"workload {w.name}: {len(p.evaluator.X)} exploration images, "
           f"{len(p.evaluator.input_amax)} quantised layers, baseline {p.baseline}, "
           f"minimum accuracy {p.min_accuracy:.4f}")
-    overhead(p)
-    dask_speedup(p)
-    search_quality(p)
+    results = {
+        "workload": w.name,
+        "baseline": p.baseline,
+        "overhead": overhead(p),
+        "dask": dask_speedup(p),
+        "search": search_quality(p, tuple(a.seeds)),
+    }
+    if a.out:
+        Path(a.out).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ Modules (each a few public functions):
 - ``qlib.bounds``: sound bounds on the discrepancy between a float network and its quantised versions.
 - ``qlib.attack``: concrete quantised networks that give lower bounds (soundness checks).
 - ``qlib.robust``: certified robust training.
-- ``qlib.gpfq`` / ``qlib.gptq``: post-training quantisation.
+- ``qlib.ptq``, ``qlib.gpfq``, ``qlib.gptq``: post-training quantisation on one shared grid.
+- ``qlib.explore``: NSGA-II mixed-precision exploration (``python -m qlib.explore --help``).
+- ``qlib.zoo``: the book's named, cached models; ``qlib.book``: the notebook runner.
 """
 
 __version__ = "0.1.0"
