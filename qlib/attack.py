@@ -19,7 +19,30 @@ from torch import Tensor, nn
 from qlib import bounds
 from qlib.quant import Perturbation, UniformQuantizer, symmetric_quantizer
 
-Deltas = list[Tensor | None]
+
+@dataclass(frozen=True)
+class RowDelta:
+    """A weight delta that is constant along each output row: ``dW[n, o, ...] = eps * t[n, o]``.
+
+    ``t`` [N, out] in [-1, 1], one row per sample. For a non-negative layer input ``h`` these
+    deltas reach exactly the pre-activations ``W h + b +/- eps_w 1^T h`` that any weight delta
+    reaches (the envelope of ``qlib.bounds``), with ``out`` instead of ``out x in`` parameters per
+    sample, which is what makes gradient attacks on wide layers affordable. For a convolution the
+    row is a whole kernel, shared by every position, so it is a real network too.
+    """
+
+    t: Tensor
+    eps: float
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.t.shape)
+
+    def abs(self) -> Tensor:
+        return self.t.abs() * self.eps
+
+
+Deltas = list[Tensor | RowDelta | None]
 
 
 @dataclass
@@ -89,11 +112,31 @@ def _check_deltas(name: str, deltas: Deltas | None, count: int, eps: float) -> D
     return deltas
 
 
-def _affine(layer: bounds.Affine, h: Tensor, dW: Tensor | None, db: Tensor | None) -> Tensor:
+_FLOAT64: dict[int, tuple[int, Tensor, Tensor]] = {}
+
+
+def _float64(tensor: Tensor) -> Tensor:
+    """``tensor`` in float64, converted once per version (attacks run thousands of forwards)."""
+    hit = _FLOAT64.get(id(tensor))
+    if hit is not None and hit[0] == tensor._version and hit[1] is tensor:
+        return hit[2]
+    value = tensor.detach().to(torch.float64)
+    _FLOAT64[id(tensor)] = (tensor._version, tensor, value)
+    return value
+
+
+def _affine(layer: bounds.Affine, h: Tensor, dW: Tensor | RowDelta | None, db: Tensor | None) -> Tensor:
     """``(W + dW) h + (b + db)`` with ``h`` [N, *in_shape]; per-sample deltas have a leading N."""
-    W = layer.module.weight.detach().to(torch.float64)
-    b = layer.bias(W).detach()
+    W = _float64(layer.module.weight)
+    b = layer.bias(W).detach() if layer.module.bias is None else _float64(layer.module.bias)
     n = len(h)
+    if isinstance(dW, RowDelta):
+        z = _affine(layer, h, None, db)
+        # (W + eps t 1^T) h = W h + eps t (1^T h), the sum running over each output's receptive
+        # field: the same for every output row, so one all-ones row computes it.
+        support = layer.apply(h, torch.ones_like(W[:1]))
+        t = dW.t.to(torch.float64).reshape(n, -1, *([1] * (support.ndim - 2)))
+        return z + dW.eps * t * support
     if dW is not None:
         W = W + dW.to(torch.float64)
     if db is not None:
@@ -129,9 +172,10 @@ def _shapes(model: nn.Sequential, X: Tensor) -> tuple[list[tuple], list[tuple], 
 
 
 def random_vertex(
-    model: nn.Sequential, X: Tensor, pert: Perturbation, gen: torch.Generator
+    model: nn.Sequential, X: Tensor, pert: Perturbation, gen: torch.Generator, *, rows: bool = False
 ) -> Perturbed:
-    """A random vertex of every box, drawn independently per sample."""
+    """A random vertex of every box, drawn independently per sample; with ``rows`` the weight
+    deltas are ``RowDelta`` (one sign per output row: still a vertex, far cheaper on wide layers)."""
     n = len(X)
     w, b, a = _shapes(model, X)
 
@@ -141,8 +185,13 @@ def random_vertex(
         s = torch.randint(0, 2, (n, *shape), generator=gen, dtype=torch.float64)
         return (2 * s - 1) * eps
 
+    def weight(shape: tuple) -> Tensor | RowDelta | None:
+        if rows and pert.eps_weight:
+            return RowDelta(sign(shape[:1], 1.0), pert.eps_weight)
+        return sign(shape, pert.eps_weight)
+
     return Perturbed(
-        [sign(s, pert.eps_weight) for s in w],
+        [weight(s) for s in w],
         [sign(s, pert.eps_bias) for s in b],
         [sign(s, pert.eps_act) for s in a],
         sign(tuple(X.shape[1:]), pert.eps_input),
@@ -228,7 +277,7 @@ def _search(
             p = rtn_deltas(model, X, pert, b)
             record(perturbed_forward(model, X, pert, dW=p.dW, db=p.db, dA=p.dA, dX=p.dX))
         for _ in range(vertices):
-            p = random_vertex(model, X, pert, gen)
+            p = random_vertex(model, X, pert, gen, rows=True)
             record(perturbed_forward(model, X, pert, dW=p.dW, db=p.db, dA=p.dA, dX=p.dX))
     if steps > 0:
         for objective in objectives:
@@ -247,15 +296,20 @@ def _pgd(
 ) -> None:
     """Sign-gradient ascent on ``objective(logits) -> [N]`` from a random vertex, projected onto
     the boxes; the logits ``[N, classes]`` of every network visited go to ``record``."""
-    start = random_vertex(model, X, pert, gen)
-    groups = [(start.dW, pert.eps_weight), (start.db, pert.eps_bias), (start.dA, pert.eps_act)]
-    groups.append(([start.dX], pert.eps_input))
-    params = [
+    start = random_vertex(model, X, pert, gen, rows=True)
+    # Weights are searched through their row parametrisation t in [-1, 1] (see RowDelta).
+    rows = [(d.t, 1.0) for d in start.dW if d is not None]
+    groups = [(start.db, pert.eps_bias), (start.dA, pert.eps_act), ([start.dX], pert.eps_input)]
+    params = [(d.clone().requires_grad_(True), eps) for d, eps in rows] + [
         (d.clone().requires_grad_(True), eps) for ds, eps in groups for d in ds if d is not None
     ]
+    n_rows = len(rows)
     step = 2.5 / max(steps, 1)  # Madry et al.'s step: the box can be crossed in 40 % of the steps
     for t in range(steps + 1):
-        z = perturbed_forward(model, X, pert, **_unflatten(start, [p for p, _ in params]))
+        flat = [p for p, _ in params]
+        weights = iter(RowDelta(p, pert.eps_weight) for p in flat[:n_rows])
+        deltas = _unflatten(start, [next(weights) for _ in range(n_rows)] + flat[n_rows:])
+        z = perturbed_forward(model, X, pert, **deltas)
         record(z.detach())
         if t == steps or not params:
             break

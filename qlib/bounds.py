@@ -15,6 +15,15 @@ Two ways to bound the logits ``[N, classes]``:
   eps_b ||c||_1``, linear in ``h``. ReLUs with activation perturbation are relaxed through
   ``relu(ẑ - eps_a) <= ĥ <= relu(ẑ) + eps_a``. ``"crown-ibp"`` takes the pre-activation bounds
   from IBP, ``"crown"`` back-substitutes for every hidden layer too (intersected with IBP).
+  Only the hidden neurons whose relaxation depends on their bounds (``_unstable``: the IBP
+  interval straddles 0 or ``eps_a``) are back-substituted, each sample its own rows; the others
+  keep their IBP interval, and since any sub-interval gives them the same relaxation the logit
+  bounds equal those of back-substituting every neuron (``unstable_only=False``).
+  ``"crown-fast"`` is CROWN-IBP plus back-substituted bounds for only ``fast_rows`` (neuron, side)
+  pairs per sample of the last hidden layer, the unstable neurons with the largest relaxation gap
+  times logit weight, down to the input of the affine layer two before the logits (as are the
+  logits): the cost-effective middle between the two on deep MLPs (see
+  ``benchmarks/bench_bounds.py``). Which rows are chosen affects only tightness, never soundness.
 
 For convolutions the weight kernel is shared across positions, but the bounds let every output
 position pick its own ``ΔW``: a superset of the real networks, so sound (and only slightly loose).
@@ -42,11 +51,11 @@ from torch import Tensor, nn
 
 from qlib.quant import Perturbation
 
-Method = Literal["ibp", "crown-ibp", "crown"]
-METHODS: tuple[str, ...] = ("ibp", "crown-ibp", "crown")
+Method = Literal["ibp", "crown-ibp", "crown-fast", "crown"]
+METHODS: tuple[str, ...] = ("ibp", "crown-ibp", "crown-fast", "crown")
 
 # Elements of the largest back-substitution tensor [n, S, *shape] per chunk of samples.
-_CHUNK_ELEMENTS = 2**25
+_CHUNK_ELEMENTS = 2**22
 
 
 # ----------------------------------------------------------------------------- value types
@@ -181,15 +190,23 @@ class Affine(Layer):
         lead = A.shape[: A.ndim - len(self.out_shape)]
         flat = A.reshape(-1, *self.out_shape)
         A_in = self.apply_t(flat, self.weight(A))
+        l1 = None
         if pert.eps_weight:
             # Valid because the layer input is non-negative: min over ΔW of c^T ΔW h = -eps_w ||c||_1 1^T h
             # per output row, i.e. the transpose of an all-ones kernel applied to |c|.
-            A_in = A_in - pert.eps_weight * self.apply_t_ones(flat.abs())
+            A_in, l1 = self.sub_weight_term(A_in, flat, pert.eps_weight)
         const = self.bias_dot(flat)
         if pert.eps_bias:
-            l1 = torch.linalg.vector_norm(flat.flatten(1), 1, dim=1)
+            if l1 is None:
+                l1 = torch.linalg.vector_norm(flat.flatten(1), 1, dim=1)
             const = const - pert.eps_bias * l1
         return LinearBound(A_in.reshape(*lead, *self.in_shape), bound.const + const.reshape(lead))
+
+    def sub_weight_term(
+        self, A_in: Tensor, flat: Tensor, eps: float
+    ) -> tuple[Tensor, Tensor | None]:
+        """``A_in - eps * apply_t_ones(|flat|)`` and, when computed anyway, ``||flat||_1`` [B]."""
+        return A_in - eps * self.apply_t_ones(flat.abs()), None
 
     def bias_dot(self, flat: Tensor) -> Tensor:
         """``A · b`` [B] for ``A`` [B, *out_shape]."""
@@ -211,6 +228,15 @@ class Linear(Affine):
 
     def apply_t_ones(self, A: Tensor) -> Tensor:
         return A.sum(-1, keepdim=True).expand(*A.shape[:-1], self.module.in_features)
+
+    def sub_weight_term(
+        self, A_in: Tensor, flat: Tensor, eps: float
+    ) -> tuple[Tensor, Tensor | None]:
+        # Every input gets the same term eps ||c||_1: one norm, one in-place subtraction.
+        l1 = torch.linalg.vector_norm(flat, 1, dim=-1)
+        if A_in.requires_grad or l1.requires_grad:
+            return A_in - eps * l1.unsqueeze(-1), l1
+        return A_in.sub_(eps * l1.unsqueeze(-1)), l1
 
     def bias_dot(self, flat: Tensor) -> Tensor:
         return flat @ self.bias(flat)
@@ -411,26 +437,160 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _forward_bounds(
-    net: Sequence[Layer], X: Tensor, pert: Perturbation, method: str, intermediate_stop: int = 0
+    net: Sequence[Layer],
+    X: Tensor,
+    pert: Perturbation,
+    method: str,
+    intermediate_stop: int = 0,
+    *,
+    unstable_only: bool = True,
+    intermediate_layers: int | None = None,
+    fast_rows: int = 128,
+    cache: dict | None = None,
 ) -> list[Interval]:
     """Input intervals of every layer plus the output interval (``len(net) + 1`` entries); sets
-    ``pre`` of every ReLU. With ``"crown"`` hidden pre-activations are back-substituted down to
-    the input of affine layer number ``intermediate_stop`` (and intersected with IBP)."""
+    ``pre`` of every ReLU.
+
+    With ``"crown"`` the pre-activations of the last ``intermediate_layers`` hidden layers (all if
+    ``None``) are back-substituted down to the input of affine layer number ``intermediate_stop``
+    and intersected with the plain IBP chain. ``unstable_only`` back-substitutes only the neurons
+    whose relaxation depends on their bounds (see ``_unstable``); the others keep their IBP
+    interval, which gives them the same relaxation as any tighter interval would, so the
+    relaxations, and hence the logit bounds, equal those of back-substituting every neuron.
+    The output interval (last entry) is the plain IBP chain's, identical on both paths.
+    """
+    cache = {} if cache is None else cache
     boxes = [input_box(X, pert, X.dtype)]
-    stop = [i for i, layer in enumerate(net) if isinstance(layer, Affine)][intermediate_stop]
+    ibp = boxes[0]  # the IBP chain, never intersected: the same on every path
+    affine = [i for i, layer in enumerate(net) if isinstance(layer, Affine)]
+    stop = affine[_fast_stop(net) if method == "crown-fast" else intermediate_stop]
+    hidden = [i for i in affine[:-1] if i > stop]
+    if intermediate_layers is not None:
+        hidden = hidden[len(hidden) - intermediate_layers :] if intermediate_layers > 0 else []
     for i, layer in enumerate(net):
-        box = layer.ibp(boxes[-1], pert)
-        feeds_relu = i + 1 < len(net) and isinstance(net[i + 1], ReLU)
-        if method == "crown" and feeds_relu and i > stop:
-            spec = _identity_spec(layer.out_shape, X)
-            low = backsubstitute(net, i, spec, boxes, pert, stop=stop)
-            k = low.shape[1] // 2
-            shape = (len(X), *layer.out_shape)
-            box = box.intersect(Interval(low[:, :k].reshape(shape), -low[:, k:].reshape(shape)))
         if isinstance(layer, ReLU):
             layer.pre = boxes[-1]
+            box = layer.ibp(boxes[-1], pert)
+            ibp = layer.ibp(ibp, pert)
+        else:
+            ibp = layer.ibp(ibp, pert)
+            box = ibp if isinstance(layer, Affine) else layer.ibp(boxes[-1], pert)
+        if method == "crown" and i in hidden:
+            mask = _unstable(box, pert) if unstable_only else None
+            box = _hidden_bounds(net, i, box, boxes, pert, stop, mask, mask, cache)
+        elif method == "crown-fast" and len(affine) > 1 and i == affine[-2] and fast_rows > 0:
+            lower, upper = _fast_rows(net, i, box, pert, fast_rows, cache)
+            box = _hidden_bounds(net, i, box, boxes, pert, stop, lower, upper, cache)
         boxes.append(box)
+    boxes[-1] = ibp
     return boxes
+
+
+def _fast_stop(net: Sequence[Layer]) -> int:
+    """``"crown-fast"`` back-substitutes down to the input of this affine layer (by number): the
+    one two before the logit layer, so the widest (first) layer of deep nets is skipped."""
+    return max(0, sum(isinstance(layer, Affine) for layer in net) - 3)
+
+
+def _unstable(box: Interval, pert: Perturbation) -> Tensor:
+    """Neurons [N, k] whose ReLU relaxation may change when their interval ``box`` shrinks.
+
+    The lower relaxation ``relu(ẑ - eps_a)`` has slope 1 for ``l >= eps_a``, 0 for ``u <= eps_a``
+    and a bound-dependent one between; the upper ``relu(ẑ) + eps_a`` is fixed for ``l >= 0`` or
+    ``u <= 0`` and the chord between. So the relaxation is the same for every sub-interval when
+    ``l >= eps_a`` (identity), ``u < 0`` (zero) or ``0 < l <= u < eps_a`` (lower 0, upper
+    identity); the strict inequalities keep a sub-interval from shrinking onto a boundary point,
+    where the slope rules switch. Every other neuron counts as unstable.
+    """
+    lo, up = box.lower.flatten(1), box.upper.flatten(1)
+    eps = pert.eps_act
+    return ~((lo >= eps) | (up < 0) | ((lo > 0) & (up < eps)))
+
+
+def _rows(mask: Tensor | None, n: int, k: int, device: torch.device) -> Tensor:
+    """Per sample the indices of ``mask`` [n, k] (all if ``None``), padded with ``k``: [n, m]."""
+    if mask is None:
+        return torch.arange(k, device=device).expand(n, k)
+    count = mask.sum(1, keepdim=True)
+    m = int(count.max().item()) if n else 0
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :m]
+    return torch.where(torch.arange(m, device=device) < count, order, k)
+
+
+def _hidden_bounds(
+    net: Sequence[Layer],
+    i: int,
+    box: Interval,
+    boxes: Sequence[Interval],
+    pert: Perturbation,
+    stop: int,
+    lower_rows: Tensor | None,
+    upper_rows: Tensor | None,
+    cache: dict | None = None,
+) -> Interval:
+    """``box`` (the IBP interval of the output of affine layer ``net[i]``) with the lower bounds of
+    the neurons in ``lower_rows`` and the upper bounds of those in ``upper_rows`` (masks [N, k],
+    ``None``: all) tightened by back-substitution to the input of ``net[stop]``. ``cache`` keeps
+    the sample-independent rows between chunks of one call."""
+    layer = net[i]
+    n, k = box.lower.shape[0], _numel(layer.out_shape)
+    lo, up = box.lower.flatten(1), box.upper.flatten(1)
+    idx_lo = _rows(lower_rows, n, k, lo.device)
+    idx_up = _rows(upper_rows, n, k, lo.device)
+    m = idx_lo.shape[1]
+    if m + idx_up.shape[1] == 0:
+        return box
+    # The rows e_j (lower) and -e_j (upper) pass the affine layer itself the same way for every
+    # sample: do that once for all neurons, then gather each sample's rows. Padding rows point at
+    # a dummy neuron k whose rows are zero.
+    if cache is None or ("rows", i) not in cache:
+        shared = layer.backward(_identity_spec(layer.out_shape, lo), pert)
+        A = shared.A.reshape(2, k, -1)
+        A = torch.cat([A, A.new_zeros(2, 1, A.shape[-1])], 1)
+        const = torch.cat([shared.const.reshape(2, k), shared.const.new_zeros(2, 1)], 1)
+        if cache is not None:
+            cache["rows", i] = A, const
+    else:
+        A, const = cache["rows", i]
+    rows = torch.cat([A[0][idx_lo], A[1][idx_up]], 1)
+    bound = LinearBound(
+        rows.reshape(n, rows.shape[1], *layer.in_shape),
+        torch.cat([const[0][idx_lo], const[1][idx_up]], 1),
+    )
+    low = backsubstitute(net, i - 1, bound, boxes, pert, stop=stop)
+    pad = lo.new_zeros(n, 1)
+    lo, up = torch.cat([lo, pad], 1), torch.cat([up, pad], 1)
+    new_lo = lo.scatter(1, idx_lo, torch.maximum(lo.gather(1, idx_lo), low[:, :m]))
+    new_up = up.scatter(1, idx_up, torch.minimum(up.gather(1, idx_up), -low[:, m:]))
+    shape = (n, *layer.out_shape)
+    return Interval(new_lo[:, :k].reshape(shape), new_up[:, :k].reshape(shape))
+
+
+def _fast_rows(
+    net: Sequence[Layer], i: int, box: Interval, pert: Perturbation, rows: int, cache: dict
+) -> tuple[Tensor, Tensor]:
+    """Masks ``(lower, upper)`` [N, k] of the ``rows`` (neuron, side) pairs per sample of the last
+    hidden affine layer ``net[i]`` most worth back-substituting for the logit bounds.
+
+    Only unstable neurons (``_unstable``) are candidates, scored by the largest gap of their
+    upper relaxation, ``-l u / (u - l)``, times the total weight ``Σ_r |A_rj|`` of the neuron in
+    the logit rows after the last affine layer; each gets the side nearer to making it stable.
+    The choice only affects tightness: any rows give sound bounds.
+    """
+    if ("weight", i) not in cache:
+        spec = _identity_spec(net[-1].out_shape, box.lower)
+        for layer in reversed(net[i + 2 :]):  # past the last ReLU (net[i + 1]): shared rows
+            spec = layer.backward(spec, pert)
+        cache["weight", i] = spec.A.flatten(1).abs().sum(0)  # [k]
+    weight = cache["weight", i]
+    lo, up = box.lower.flatten(1), box.upper.flatten(1)
+    unstable = _unstable(box, pert)
+    gap = torch.where(unstable, -lo * up / torch.where(unstable, up - lo, 1.0), 0.0)
+    score = torch.where(unstable, weight * gap.clamp(min=0), -1.0)
+    k = min(rows, score.shape[1])
+    chosen = torch.zeros_like(unstable).scatter_(1, score.topk(k, 1).indices, True) & unstable
+    upper_side = up < pert.eps_act - lo
+    return chosen & ~upper_side, chosen & upper_side
 
 
 def _check_inputs(model: nn.Module, X: Tensor, pert: Perturbation, method: str) -> None:
@@ -462,34 +622,72 @@ def logit_bounds(
     differentiable: bool = False,
     chunk: int | None = None,
     intermediate_stop: int = 0,
+    intermediate_layers: int | None = None,
+    unstable_only: bool = True,
+    fast_rows: int = 128,
 ) -> tuple[Tensor, Tensor]:
     """Lower and upper bounds, each ``[N, classes]``, on the logits of every perturbed network.
 
-    ``X`` [N, *input_shape] in [0, 1]. ``differentiable=True`` keeps the autograd graph to the
-    model parameters (for certified training). ``chunk`` samples are processed at a time (default:
-    sized to bound memory). ``intermediate_stop=k`` (``"crown"`` only) ends the back-substitution
-    for hidden layers at the IBP interval of the input of affine layer ``k`` instead of the network
-    input: 1 skips the first layer, whose bounds are nearly exact for small ``eps_input`` but whose
-    wide input dominates the cost. The logits are always back-substituted to the network input.
+    ``X`` [N, *input_shape] in [0, 1]; ``method``: see the module docstring. ``differentiable=True``
+    keeps the autograd graph to the model parameters (for certified training). ``chunk`` samples
+    are processed at a time (default: sized to bound memory).
+
+    ``"crown"`` only: ``intermediate_stop=k`` ends the back-substitution for hidden layers at the
+    IBP interval of the input of affine layer ``k`` (negative: counted from the end) instead of
+    the network input: 1 skips the first layer, whose bounds are nearly exact for small
+    ``eps_input`` but whose wide input dominates the cost. ``intermediate_layers=k``
+    back-substitutes only the last ``k`` hidden layers (``None``: all). ``unstable_only=True``
+    back-substitutes only the hidden neurons whose ReLU relaxation depends on their bounds;
+    ``False`` does every neuron and gives the same bounds (up to float rounding), only slower.
+    The logits are back-substituted to the network input.
+
+    ``"crown-fast"`` only: ``fast_rows`` back-substituted (neuron, side) rows per sample of the
+    last hidden layer (0: CROWN-IBP, except that the logits too stop two affine layers before
+    the output).
     """
     _check_inputs(model, X, pert, method)
     net = layers(model, X.shape[1:])
     n_affine = sum(isinstance(layer, Affine) for layer in net)
-    if not 0 <= intermediate_stop < n_affine:
-        raise ValueError(f"intermediate_stop must be in [0, {n_affine}), got {intermediate_stop}")
+    if not -n_affine <= intermediate_stop < n_affine:
+        raise ValueError(
+            f"intermediate_stop must be in [-{n_affine}, {n_affine}), got {intermediate_stop}"
+        )
+    intermediate_stop %= n_affine
+    if fast_rows < 0:
+        raise ValueError(f"fast_rows must be >= 0, got {fast_rows}")
+    if intermediate_layers is not None and intermediate_layers < 0:
+        raise ValueError(f"intermediate_layers must be >= 0 or None, got {intermediate_layers}")
     classes = _numel(net[-1].out_shape)
     hidden = [_numel(layer.out_shape) for layer in net if isinstance(layer, ReLU)]
     rows = 2 * max([classes] + (hidden if method == "crown" else []))
+    if method == "crown-fast":
+        rows = max(rows, 2 * classes + fast_rows)
     step = chunk or (len(X) if method == "ibp" else _chunk(len(X), rows, net))
     lows, ups = [], []
+    cache: dict = {}  # sample-independent back-substituted rows, shared by the chunks
     with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
         for start in range(0, len(X), step):
             xs = X[start : start + step].to(dtype)
-            boxes = _forward_bounds(net, xs, pert, method, intermediate_stop)
+            boxes = _forward_bounds(
+                net,
+                xs,
+                pert,
+                method,
+                intermediate_stop,
+                unstable_only=unstable_only,
+                intermediate_layers=intermediate_layers,
+                fast_rows=fast_rows,
+                cache=cache,
+            )
             out = boxes[-1]
             if method != "ibp":
+                stop = 0
+                if method == "crown-fast":
+                    stop = [i for i, layer in enumerate(net) if isinstance(layer, Affine)][
+                        _fast_stop(net)
+                    ]
                 low = backsubstitute(
-                    net, len(net) - 1, _identity_spec(net[-1].out_shape, xs), boxes, pert
+                    net, len(net) - 1, _identity_spec(net[-1].out_shape, xs), boxes, pert, stop
                 )
                 low = low.reshape(len(xs), 2, -1)
                 out = Interval(low[:, 0], -low[:, 1]).intersect(

@@ -13,7 +13,7 @@ from torch import nn
 from qlib import attack, bounds, models
 from qlib.quant import Perturbation, symmetric_quantizer
 
-METHODS = ("ibp", "crown-ibp", "crown")
+METHODS = ("ibp", "crown-ibp", "crown-fast", "crown")
 TOL = 1e-9
 EPS = (0.0, 1 / 1023, 1 / 64, 1 / 8)
 KINDS = ("input", "weight", "bias", "act")
@@ -197,6 +197,64 @@ def test_intermediate_stop_between_crown_ibp_and_crown():
         bounds.logit_bounds(net, X, pert, "crown", intermediate_stop=4)
 
 
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["all", "act", "weight"])
+def test_unstable_only_equals_every_neuron(arch: str, kind: str):
+    """Back-substituting only the neurons whose relaxation depends on their bounds gives the same
+    bounds as back-substituting every hidden neuron."""
+    changed = False
+    for seed in range(3):
+        if arch == "mlp":
+            net, size = models.mlp([1, 5, 5], [9, 8, 7], 4, seed=seed), 5
+        else:
+            net, size = small_net("cnn", 7, seed), 7
+        X = torch.rand(6, 1, size, size, generator=torch.Generator().manual_seed(seed))
+        for eps in (1 / 256, 1 / 32):
+            pert = pert_of(kind, eps)
+            ibp_lower, _ = bounds.logit_bounds(net, X, pert, "crown-ibp")
+            for kw in ({}, {"intermediate_stop": 1}, {"intermediate_layers": 1}):
+                fast = bounds.logit_bounds(net, X, pert, "crown", **kw)
+                full = bounds.logit_bounds(net, X, pert, "crown", unstable_only=False, **kw)
+                for a, b in zip(fast, full, strict=True):
+                    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+                changed |= not torch.allclose(fast[0], ibp_lower)
+    assert changed, "the intermediate bounds should matter somewhere"
+
+
+def test_unstable_neurons_are_those_whose_relaxation_moves():
+    """A neuron outside ``_unstable`` has the same relaxation for every sub-interval."""
+    pert = Perturbation.only("act", 0.1)
+    lo = torch.tensor([[-2.0, -2.0, 0.0, 0.05, 0.1, 0.2, -1.0, 0.05, 0.02]])
+    up = torch.tensor([[-0.5, 0.0, 0.1, 0.1, 0.3, 1.0, 0.05, 0.2, 0.08]])
+    box = bounds.Interval(lo.double(), up.double())
+    unstable = bounds._unstable(box, pert)
+    assert unstable.tolist() == [[False, True, True, True, False, False, True, True, False]]
+    relu = bounds.ReLU(0, torch.nn.ReLU(), (9,))
+    relu.pre = box
+    whole = relu.relaxation(pert)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        t = torch.rand(2, 9, generator=gen, dtype=torch.float64).sort(0).values
+        relu.pre = bounds.Interval(lo + t[0] * (up - lo), lo + t[1] * (up - lo))
+        relu.pre = bounds.Interval(relu.pre.lower.double(), relu.pre.upper.double())
+        for a, b in zip(whole, relu.relaxation(pert), strict=True):
+            assert torch.equal(a[~unstable], b[~unstable])
+
+
+def test_crown_fast_rows():
+    """More rows for ``"crown-fast"`` never hurt much and 0 rows equals plain CROWN-IBP."""
+    net = models.mlp([1, 4, 4], [8, 8, 8], 3, seed=5)
+    X = torch.rand(8, 1, 4, 4, generator=torch.Generator().manual_seed(5))
+    pert = Perturbation.uniform(1 / 32)
+    w = {}
+    for rows in (0, 4, 16):
+        lower, upper = bounds.logit_bounds(net, X, pert, "crown-fast", fast_rows=rows)
+        w[rows] = (upper - lower).mean().item()
+    assert w[16] <= w[0] + TOL
+    with pytest.raises(ValueError, match="fast_rows"):
+        bounds.logit_bounds(net, X, pert, "crown-fast", fast_rows=-1)
+
+
 def test_margin_bounds_tighter_than_logit_difference():
     net = small_net("mlp", 5, 7)
     X = torch.rand(10, 1, 5, 5, generator=torch.Generator().manual_seed(7))
@@ -275,7 +333,7 @@ def test_worst_case_discrepancy_bounds_attacked_discrepancy():
 def test_bounds_are_differentiable():
     net = small_net("cnn", 6, 3)
     X = torch.rand(4, 1, 6, 6)
-    for method in ("ibp", "crown-ibp", "crown"):
+    for method in METHODS:
         net.zero_grad()
         lower, upper = bounds.logit_bounds(
             net, X, Perturbation.uniform(0.01), method, dtype=torch.float32, differentiable=True
