@@ -161,6 +161,9 @@ def random_search(prepared: Prepared, store: Store, n: int, *, seed: int = 0,
     w = prepared.workload
     rng = np.random.default_rng(seed)
     n_genes = 2 * len(prepared.evaluator.input_amax)
+    space = (w.bits.upper - w.bits.lower + 1) ** n_genes
+    if not 1 <= n <= space:
+        raise ValueError(f"random search: n must be in [1, {space}] (distinct genomes), got {n}")
     seen: dict[Genome, None] = {}
     while len(seen) < n:
         seen[tuple(int(v) for v in rng.integers(w.bits.lower, w.bits.upper + 1, n_genes))] = None

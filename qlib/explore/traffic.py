@@ -147,7 +147,12 @@ def _zigzag_inputs(accelerator: str, mapping: str) -> tuple[str, str]:
 
 
 def _run_zigzag(layer: LayerShape, b_in: int, b_w: int, b_out: int, accelerator: str, mapping: str) -> LayerTraffic:
-    from zigzag.api import get_hardware_performance_zigzag
+    import matplotlib
+
+    # Importing ZigZag calls plt.rc(...) (its plotting module), which would restyle every later
+    # figure of the caller; keep matplotlib's settings as they were.
+    with matplotlib.rc_context():
+        from zigzag.api import get_hardware_performance_zigzag
 
     acc, mp = _zigzag_inputs(accelerator, mapping)
     s, p = layer.stride, layer.padding
