@@ -12,14 +12,7 @@ from torch import nn
 from qlib import data, gpfq, models, ptq
 from qlib.ptq import make_quantizer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These models are tiny: thread start-up costs more than it saves, more so on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
