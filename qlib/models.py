@@ -152,18 +152,11 @@ def train(
     best_acc, best_state = -1.0, None
     bar = tqdm(range(epochs), desc="train", disable=not progress, leave=False)
     for epoch in bar:
-        model.train()
-        order = torch.randperm(len(X), generator=gen)
-        total = 0.0
-        for start in range(0, len(X), batch_size):
-            idx = order[start : start + batch_size]
-            loss = nn.functional.cross_entropy(model(X[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
+        loss = train_epoch(
+            model, (X, y), opt, gen, batch_size, lambda xb, yb: nn.functional.cross_entropy(model(xb), yb)
+        )
         sched.step()
-        result.loss.append(total / len(X))
+        result.loss.append(loss)
         if val is not None:
             acc = evaluate(model, val)
             result.val_accuracy.append(acc)
@@ -177,6 +170,33 @@ def train(
         model.load_state_dict(best_state)
     model.eval()
     return result
+
+
+def train_epoch(
+    model: nn.Module,
+    data: Data,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    batch_size: int,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+) -> float:
+    """One epoch of minibatch steps in a seeded random order; the mean of ``loss_fn(X_b, y_b)``.
+
+    The one training loop of ``qlib``: plain training and certified robust training differ
+    only in ``loss_fn`` and in what they do between epochs.
+    """
+    X, y = data
+    model.train()
+    order = torch.randperm(len(X), generator=gen)
+    total = 0.0
+    for start in range(0, len(X), batch_size):
+        idx = order[start : start + batch_size]
+        loss = loss_fn(X[idx], y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(idx)
+    return total / len(X)
 
 
 @torch.no_grad()

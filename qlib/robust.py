@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from qlib import bounds
+from qlib import bounds, models
 from qlib.quant import Perturbation
 
 Data = tuple[Tensor, Tensor]
@@ -99,21 +99,16 @@ def train(
     log = RobustTrainLog()
     best_key, best_state = None, None
     step = 0
+
+    def loss_fn(xb: Tensor, yb: Tensor) -> Tensor:
+        nonlocal step
+        k, scale = schedule(step, warmup * batches, ramp * batches, kappa)
+        step += 1
+        return robust_loss(model, xb, yb, pert.scaled(scale), k, method)
+
     bar = tqdm(range(epochs), desc=f"robust train ({method})", disable=not progress, leave=False)
     for epoch in bar:
-        model.train()
-        order = torch.randperm(len(X), generator=gen)
-        total = 0.0
-        for start in range(0, len(X), batch_size):
-            idx = order[start : start + batch_size]
-            k, scale = schedule(step, warmup * batches, ramp * batches, kappa)
-            loss = robust_loss(model, X[idx], y[idx], pert.scaled(scale), k, method)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-            step += 1
-        log.loss.append(total / len(X))
+        log.loss.append(models.train_epoch(model, (X, y), opt, gen, batch_size, loss_fn))
         model.eval()
         if val is not None:
             v = bounds.verified_accuracy(model, val[0], val[1], pert, method, margin=True)
