@@ -72,6 +72,41 @@ def test_fake_quant_16_bits_matches_float_and_2_bits_degrades(prepared):
         q.set_bits([1] * q.n_genes)
 
 
+def _use_backend(q: fakequant.QuantNet, backend: str | None) -> None:
+    mods = dict(q.model.named_modules())
+    for name in q.layers:
+        mods[name].input_quantizer.backend = backend
+        mods[name].weight_quantizer.backend = backend
+
+
+@pytest.mark.parametrize("pass_through", [True, False])
+def test_inplace_backend_is_bit_identical_to_modelopt(pass_through):
+    # The in-place backend must be a pure speed-up: ModelOpt's own CPU path (backend None) gives
+    # the same outputs for every bit width and the same straight-through (or clipped) gradients.
+    torch.manual_seed(0)
+    net = models.cnn([1, 28, 28], 10, channels=(4, 8), hidden=16)
+    X, y = data.load("fashion-mnist", "test", limit=128)
+    q = fakequant.quantize(net, X, method="percentile")
+    mods = dict(q.model.named_modules())
+    for name in q.layers:
+        for tq in (mods[name].input_quantizer, mods[name].weight_quantizer):
+            assert tq.backend == fakequant.BACKEND
+            tq._pass_through_bwd = pass_through
+    for bits in [[b] * q.n_genes for b in range(2, 17)] + [[2, 16, 3, 9, 16, 2, 5, 7]]:
+        q.set_bits(bits)
+        results = []
+        for backend in (fakequant.BACKEND, None):
+            _use_backend(q, backend)
+            q.model.zero_grad()
+            out = q.model(X)
+            nn_loss = torch.nn.functional.cross_entropy(out, y)
+            nn_loss.backward()
+            results.append((out.detach(), [p.grad.clone() for p in q.model.parameters()]))
+        (out_a, grads_a), (out_b, grads_b) = results
+        assert torch.equal(out_a, out_b), bits
+        assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True)), bits
+
+
 def test_conv_only_leaves_linear_layers_float():
     net = models.cnn([1, 28, 28], 10, channels=(4, 8), hidden=16)
     X, _ = data.load("fashion-mnist", "test", limit=64)
