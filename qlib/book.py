@@ -2,8 +2,8 @@
 
 The notebooks that ``_toc.yml`` lists as ``book/nb/<stem>`` are executed from
 ``notebooks/<stem>.ipynb`` with the parameters of ``book/profiles.yml`` (profile ``full`` for
-the book, ``quick`` for tests). A notebook whose source, parameters and ``qlib`` sources are
-unchanged since its last successful run is not executed again. A failing notebook is reported
+the book, ``quick`` for tests). A notebook whose source, parameters, ``qlib`` sources and benchmark scripts
+are unchanged since its last successful run is not executed again. A failing notebook is reported
 with its cell, the others still run, and the run fails at the end.
 
 Command line: ``python -m qlib.book run [--profile quick] [--force] [STEM ...]``.
@@ -75,7 +75,8 @@ def _key(source: Path, parameters: dict) -> str:
     h = hashlib.sha256()
     h.update(source.read_bytes())
     h.update(json.dumps(parameters, sort_keys=True).encode())
-    for f in sorted((ROOT / "qlib").rglob("*.py")):
+    # The performance chapter runs the benchmark scripts: they are sources of the book too.
+    for f in sorted([*(ROOT / "qlib").rglob("*.py"), *(ROOT / "benchmarks").glob("*.py")]):
         h.update(f.read_bytes())
     return h.hexdigest()
 
