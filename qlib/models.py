@@ -125,6 +125,30 @@ class TrainLog:
     best_epoch: int | None = None
 
 
+class BestEpoch:
+    """Model selection between epochs: keeps the weights of the epoch with the highest score.
+
+    Plain training scores validation accuracy, certified training (verified, clean) accuracy;
+    both compare scores with ``>``, so the first of tied epochs wins.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.epoch: int | None = None
+        self.score = None
+        self._state: dict[str, Tensor] | None = None
+
+    def update(self, epoch: int, score) -> None:
+        if self.score is None or score > self.score:
+            self.epoch, self.score = epoch, score
+            self._state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def restore(self) -> None:
+        """Load the kept weights into the model (nothing to do if no epoch was scored)."""
+        if self._state is not None:
+            self.model.load_state_dict(self._state)
+
+
 def train(
     model: nn.Module,
     data: Data,
@@ -149,7 +173,7 @@ def train(
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     result = TrainLog()
-    best_acc, best_state = -1.0, None
+    best = BestEpoch(model)
     bar = tqdm(range(epochs), desc="train", disable=not progress, leave=False)
     for epoch in bar:
         loss = train_epoch(
@@ -160,14 +184,12 @@ def train(
         if val is not None:
             acc = evaluate(model, val)
             result.val_accuracy.append(acc)
-            if acc > best_acc:
-                best_acc, result.best_epoch = acc, epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best.update(epoch, acc)
             bar.set_postfix(loss=f"{result.loss[-1]:.3f}", val=f"{acc:.3f}")
         else:
             bar.set_postfix(loss=f"{result.loss[-1]:.3f}")
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    best.restore()
+    result.best_epoch = best.epoch
     model.eval()
     return result
 

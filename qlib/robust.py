@@ -97,7 +97,7 @@ def train(
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     batches = (len(X) + batch_size - 1) // batch_size
     log = RobustTrainLog()
-    best_key, best_state = None, None
+    best = models.BestEpoch(model)
     step = 0
 
     def loss_fn(xb: Tensor, yb: Tensor) -> Tensor:
@@ -114,16 +114,13 @@ def train(
             v = bounds.verified_accuracy(model, val[0], val[1], pert, method, margin=True)
             log.val_verified.append(v.accuracy)
             log.val_clean.append(v.clean_accuracy)
-            key = (v.accuracy, v.clean_accuracy)
-            if best_key is None or key > best_key:
-                best_key, log.best_epoch = key, epoch
-                best_state = {n: t.detach().clone() for n, t in model.state_dict().items()}
+            best.update(epoch, (v.accuracy, v.clean_accuracy))
             bar.set_postfix(
                 loss=f"{log.loss[-1]:.3f}", ver=f"{v.accuracy:.3f}", clean=f"{v.clean_accuracy:.3f}"
             )
         else:
             bar.set_postfix(loss=f"{log.loss[-1]:.3f}")
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    best.restore()
+    log.best_epoch = best.epoch
     model.eval()
     return log

@@ -37,6 +37,7 @@ def test_training_learns_digits_and_selects_on_validation():
     log = models.train(net, train, epochs=20, lr=1e-2, val=val, progress=False)
     assert models.evaluate(net, data.load("digits", "test")) > 0.85
     assert log.best_epoch == max(range(len(log.val_accuracy)), key=log.val_accuracy.__getitem__)
+    assert models.evaluate(net, val) == max(log.val_accuracy)  # the best epoch's weights are back
     assert log.loss[-1] < log.loss[0]
 
 
