@@ -171,6 +171,14 @@ def test_weather_seeded_reproducible_and_distinct():
     assert (weather.corrupt(X, "brightness", 5) - X).mean() > (weather.corrupt(X, "brightness", 1) - X).mean()
 
 
+@pytest.mark.parametrize("condition", weather.CONDITIONS)
+def test_weather_damage_grows_with_severity(condition):
+    # Mean absolute change of 28 x 28 Fashion-MNIST images must rise from severity 1 to 5.
+    X, _ = data.load("fashion-mnist", "test", limit=48)
+    change = [(weather.corrupt(X, condition, s) - X).abs().mean().item() for s in weather.SEVERITIES]
+    assert all(a < b for a, b in zip(change, change[1:], strict=False)), change
+
+
 def test_linear_traffic_scales_with_bits():
     ref = traffic.LayerTraffic(1600.0, 3200.0, 800.0, 5600.0)
     half = ref.scaled(8, 8, 8)
