@@ -4,8 +4,8 @@
 
 1. Wall time per evaluated individual (set bits + fake-quantised forward over the exploration
    subset + cost) against one bare float forward pass over the same subset (target < 20 %),
-   and the time per individual inside a serial NSGA-II run (pymoo, genome cache, SQLite store)
-   against the fake-quantised forward alone: what the harness adds to the arithmetic.
+   and, in one serial NSGA-II run, its wall time against the sum of its evaluation times: what
+   pymoo, the genome cache and the SQLite store add to the evaluations.
 2. Speed-up of evaluating the same genomes with a 2-worker Dask LocalCluster over serial.
 3. NSGA-II against random search with the same number of evaluations: hypervolume (pymoo) of
    the feasible points, reference point (-minimum accuracy, largest possible cost).
@@ -54,7 +54,8 @@ def overhead(p: context.Prepared, repeats: int = 40) -> dict:
         forward.append(time.perf_counter() - t)
         individual.append(ev(g)[2])
     b, f, q = (statistics.median(v) for v in (bare, forward, individual))
-    # Inside NSGA-II (serial): pymoo, the genome cache and the SQLite store add their share.
+    # Inside NSGA-II (serial): what pymoo, the genome cache and the SQLite store add to the
+    # evaluations, both from the same run (evaluation times as recorded in the store).
     w = p.workload
     ws = w.model_copy(update={"nsga2": w.nsga2.model_copy(
         update={"population": 12, "offspring": 12, "generations": 4})})
@@ -62,16 +63,17 @@ def overhead(p: context.Prepared, repeats: int = 40) -> dict:
     with Store(":memory:", "bench") as store:
         t = time.perf_counter()
         n = run.explore(ps, store).evaluated
-        search = (time.perf_counter() - t) / n
+        wall = time.perf_counter() - t
+        evaluating = sum(r.seconds for r in store.records())
+    search = wall / n
     print(f"[overhead] {len(X)} images, medians of {repeats}: float forward {b * 1e3:.1f} ms, "
           f"fake-quantised forward {f * 1e3:.1f} ms, evaluated individual {q * 1e3:.1f} ms "
-          f"(+{100 * (q / b - 1):.0f} % over the float forward), per individual inside NSGA-II "
-          f"{search * 1e3:.1f} ms over {n} ({100 * (search / f - 1):+.0f} % over the quantised "
-          f"forward)")
+          f"(+{100 * (q / b - 1):.0f} % over the float forward); NSGA-II run of {n} individuals: "
+          f"{search * 1e3:.1f} ms each, {100 * (wall / evaluating - 1):+.1f} % over its evaluations")
     return {"images": len(X), "bare_forward_ms": b * 1e3, "quantised_forward_ms": f * 1e3,
             "individual_ms": q * 1e3, "overhead_percent": 100 * (q / b - 1),
             "search_individual_ms": search * 1e3, "search_evaluations": n,
-            "harness_overhead_percent": 100 * (search / f - 1)}
+            "harness_overhead_percent": 100 * (wall / evaluating - 1)}
 
 
 def dask_speedup(p: context.Prepared, n: int = 32) -> dict:
