@@ -6,7 +6,8 @@
    subset + cost) against one bare float forward pass over the same subset (target < 20 %),
    and, in one serial NSGA-II run, its wall time against the sum of its evaluation times: what
    pymoo, the genome cache and the SQLite store add to the evaluations.
-2. Speed-up of evaluating the same genomes with a 2-worker Dask LocalCluster over serial.
+2. Speed-up of evaluating the same genomes with a 2-worker Dask LocalCluster (one torch thread
+   per worker) over serial evaluation with one torch thread and with all of them.
 3. NSGA-II against random search with the same number of evaluations: hypervolume (pymoo) of
    the feasible points, reference point (-minimum accuracy, largest possible cost).
 """
@@ -77,11 +78,17 @@ def overhead(p: context.Prepared, repeats: int = 40) -> dict:
 
 
 def dask_speedup(p: context.Prepared, n: int = 32) -> dict:
+    """Same genomes: serial with all torch threads, serial with one, 2 one-thread Dask workers."""
     genomes = _genomes(n, 2 * len(p.evaluator.input_amax), 2, 16, seed=1)
-    with Store(":memory:", "bench") as store:
-        t = time.perf_counter()
-        run.CachedEvaluation(p.evaluator, store, p.min_accuracy)(genomes)
-        serial = time.perf_counter() - t
+    threads = torch.get_num_threads()
+    serial = {}
+    for t_count in (threads, 1):
+        torch.set_num_threads(t_count)
+        with Store(":memory:", "bench") as store:
+            t = time.perf_counter()
+            run.CachedEvaluation(p.evaluator, store, p.min_accuracy)(genomes)
+            serial[t_count] = time.perf_counter() - t
+    torch.set_num_threads(threads)
     spec = p.workload.parallel.model_copy(update={"mode": "local", "workers": 2})
     p.evaluator.threads = 1
     t0 = time.perf_counter()
@@ -94,12 +101,14 @@ def dask_speedup(p: context.Prepared, n: int = 32) -> dict:
         evaluation(genomes)
         parallel = time.perf_counter() - t
     p.evaluator.threads = None
-    print(f"[dask] {len(genomes)} genomes: serial {serial:.2f} s "
-          f"(torch threads {torch.get_num_threads()}), 2 Dask workers (1 thread each) "
-          f"{parallel:.2f} s after warm-up -> speed-up {serial / parallel:.2f}x; "
-          f"cluster start {started:.1f} s")
-    return {"genomes": len(genomes), "serial_s": serial, "dask_2_workers_s": parallel,
-            "speedup": serial / parallel, "cluster_start_s": started}
+    print(f"[dask] {len(genomes)} genomes: serial {serial[threads]:.2f} s with {threads} torch "
+          f"threads, {serial[1]:.2f} s with 1; 2 Dask workers (1 thread each) {parallel:.2f} s "
+          f"after warm-up -> speed-up {serial[1] / parallel:.2f}x over one thread, "
+          f"{serial[threads] / parallel:.2f}x over {threads}; cluster start {started:.1f} s")
+    return {"genomes": len(genomes), "serial_s": serial[threads], "serial_threads": threads,
+            "serial_1_thread_s": serial[1], "dask_2_workers_s": parallel,
+            "speedup": serial[threads] / parallel, "speedup_over_1_thread": serial[1] / parallel,
+            "cluster_start_s": started}
 
 
 def search_quality(p: context.Prepared, seeds=(1, 2, 3)) -> dict:

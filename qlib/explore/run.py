@@ -62,6 +62,10 @@ class CachedEvaluation:
 
         if self._remote is None:  # ship the model and data to every worker once
             self._remote = self.client.scatter(self.evaluator, broadcast=True)
+            # Each worker imports ModelOpt and builds its network now, not during its first genome.
+            workers = list(self.client.scheduler_info()["workers"])
+            self.client.gather([self.client.submit(_build, self._remote, workers=[w], pure=False)
+                                for w in workers])
         futures = {self.client.submit(_call, self._remote, g, pure=False): g for g in todo}
         try:
             for fut in as_completed(futures):
@@ -73,6 +77,10 @@ class CachedEvaluation:
 
 def _call(evaluator: Evaluator, genome: Genome) -> tuple[float, float, float]:
     return evaluator(genome)
+
+
+def _build(evaluator: Evaluator) -> None:
+    evaluator.net  # noqa: B018 - builds the fake-quantised network in this worker
 
 
 @contextlib.contextmanager
