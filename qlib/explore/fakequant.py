@@ -9,9 +9,11 @@ Weights are quantised per tensor, symmetric, with their own max as range (the pa
 
 The quantisers run on ModelOpt's documented custom-backend hook (``register_quant_backend``)
 with ``BACKEND``: the same arithmetic as ModelOpt's CPU path (``_tensor_quant``, bit-identical
-outputs, tested) and the same straight-through gradient, but computed in place on one buffer.
-ModelOpt's CPU path allocates three activation-sized tensors per call and synchronises on
-``amax``, which made its fake quantisation cost 20x a ReLU and half of every evaluation.
+outputs, tested) and the same straight-through gradient, but computed in place on one buffer
+with scalar clamp bounds. ModelOpt's CPU path clamps with tensor-valued bounds (a kernel 4x
+slower than the scalar one here) and allocates a new activation-sized tensor at each step: it
+took 13.6 ms on a 1024x16x14x14 activation against 0.65 ms in place, and nearly half of every
+evaluation of the exploration.
 """
 
 from __future__ import annotations
