@@ -61,6 +61,7 @@ def overhead(p: context.Prepared, repeats: int = 40) -> dict:
     ws = w.model_copy(update={"nsga2": w.nsga2.model_copy(
         update={"population": 12, "offspring": 12, "generations": 4})})
     ps = context.Prepared(ws, p.model, ev, p.min_accuracy, p.baseline)
+    run.nsga2(ps)  # pymoo's algorithm modules take seconds to import: not part of the run
     with Store(":memory:", "bench") as store:
         t = time.perf_counter()
         n = run.explore(ps, store).evaluated
