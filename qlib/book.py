@@ -2,9 +2,9 @@
 
 The notebooks that ``_toc.yml`` lists as ``book/nb/<stem>`` are executed from
 ``notebooks/<stem>.ipynb`` with the parameters of ``book/profiles.yml`` (profile ``full`` for
-the book, ``quick`` for tests). A notebook whose source, parameters, ``qlib`` sources and the benchmark scripts it names
-are unchanged since its last successful run is not executed again. A failing notebook is reported
-with its cell, the others still run, and the run fails at the end.
+the book, ``quick`` for tests). A notebook whose source, parameters, ``qlib`` sources and the
+benchmark scripts it names are unchanged since its last successful run is not executed again.
+A failing notebook is reported with its cell, the others still run, and the run fails at the end.
 
 Command line: ``python -m qlib.book run [--profile quick] [--force] [STEM ...]``.
 """
