@@ -9,6 +9,7 @@ inside the boxes.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -112,16 +113,20 @@ def _check_deltas(name: str, deltas: Deltas | None, count: int, eps: float) -> D
     return deltas
 
 
-_FLOAT64: dict[int, tuple[int, Tensor, Tensor]] = {}
+# id(parameter) -> (weak reference to it, its version, its float64 copy). Weak, so that the
+# cache never keeps a model's weights alive; dead entries are dropped on the next insertion.
+_FLOAT64: dict[int, tuple[weakref.ref, int, Tensor]] = {}
 
 
 def _float64(tensor: Tensor) -> Tensor:
     """``tensor`` in float64, converted once per version (attacks run thousands of forwards)."""
     hit = _FLOAT64.get(id(tensor))
-    if hit is not None and hit[0] == tensor._version and hit[1] is tensor:
+    if hit is not None and hit[0]() is tensor and hit[1] == tensor._version:
         return hit[2]
+    for key in [k for k, (ref, _, _) in _FLOAT64.items() if ref() is None]:
+        del _FLOAT64[key]
     value = tensor.detach().to(torch.float64)
-    _FLOAT64[id(tensor)] = (tensor._version, tensor, value)
+    _FLOAT64[id(tensor)] = (weakref.ref(tensor), tensor._version, value)
     return value
 
 

@@ -463,7 +463,7 @@ def _forward_bounds(
     boxes = [input_box(X, pert, X.dtype)]
     ibp = boxes[0]  # the IBP chain, never intersected: the same on every path
     affine = [i for i, layer in enumerate(net) if isinstance(layer, Affine)]
-    stop = affine[_fast_stop(net) if method == "crown-fast" else intermediate_stop]
+    stop = _fast_stop(net) if method == "crown-fast" else affine[intermediate_stop]
     hidden = [i for i in affine[:-1] if i > stop]
     if intermediate_layers is not None:
         hidden = hidden[len(hidden) - intermediate_layers :] if intermediate_layers > 0 else []
@@ -487,9 +487,10 @@ def _forward_bounds(
 
 
 def _fast_stop(net: Sequence[Layer]) -> int:
-    """``"crown-fast"`` back-substitutes down to the input of this affine layer (by number): the
-    one two before the logit layer, so the widest (first) layer of deep nets is skipped."""
-    return max(0, sum(isinstance(layer, Affine) for layer in net) - 3)
+    """Index of the layer at whose input ``"crown-fast"`` back-substitution stops: the affine
+    layer two before the logit layer, so the widest (first) layer of deep nets is skipped."""
+    affine = [i for i, layer in enumerate(net) if isinstance(layer, Affine)]
+    return affine[max(0, len(affine) - 3)]
 
 
 def _unstable(box: Interval, pert: Perturbation) -> Tensor:
@@ -681,11 +682,7 @@ def logit_bounds(
             )
             out = boxes[-1]
             if method != "ibp":
-                stop = 0
-                if method == "crown-fast":
-                    stop = [i for i, layer in enumerate(net) if isinstance(layer, Affine)][
-                        _fast_stop(net)
-                    ]
+                stop = _fast_stop(net) if method == "crown-fast" else 0
                 low = backsubstitute(
                     net, len(net) - 1, _identity_spec(net[-1].out_shape, xs), boxes, pert, stop
                 )
