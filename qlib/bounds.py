@@ -436,7 +436,7 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _forward_bounds(
+def forward_bounds(
     net: Sequence[Layer],
     X: Tensor,
     pert: Perturbation,
@@ -669,7 +669,7 @@ def logit_bounds(
     with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
         for start in range(0, len(X), step):
             xs = X[start : start + step].to(dtype)
-            boxes = _forward_bounds(
+            boxes = forward_bounds(
                 net,
                 xs,
                 pert,
@@ -726,7 +726,7 @@ def margin_bounds(
             xs = X[start : start + step].to(dtype)
             ys = y[start : start + step]
             n = len(xs)
-            boxes = _forward_bounds(net, xs, pert, method)
+            boxes = forward_bounds(net, xs, pert, method)
             eye = torch.eye(classes, dtype=dtype)
             C = eye[ys].unsqueeze(1) - eye.unsqueeze(0)  # [n, classes, classes]: row j = e_y - e_j
             rows = torch.cat([C, eye.expand(n, -1, -1), -eye.expand(n, -1, -1)], 1)
