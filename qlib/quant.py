@@ -232,3 +232,25 @@ def perturbation_between(model: nn.Module, quantized: nn.Module) -> Perturbation
         return math.nextafter(v, math.inf) if v > 0 else 0.0
 
     return Perturbation(eps_weight=outward(eps_w), eps_bias=outward(eps_b))
+
+
+# The published fixed-point PTQ simulator lives in ``qlib.fixedpoint`` (it needs ``Perturbation``
+# from here); its public names are re-exported lazily so that either module may be imported first.
+_FIXEDPOINT = (
+    "FixedPoint",
+    "LayerQuant",
+    "QuantizedMLP",
+    "SimOutput",
+    "PTQResult",
+    "fixed_point",
+    "evaluate_fixed_point",
+    "ptq_sweep",
+)
+
+
+def __getattr__(name: str):
+    if name in _FIXEDPOINT:
+        from qlib import fixedpoint
+
+        return getattr(fixedpoint, name)
+    raise AttributeError(f"module 'qlib.quant' has no attribute {name!r}")

@@ -1,0 +1,574 @@
+"""The published fixed-point post-training quantisation simulator, with a certified bound beside
+every measured error.
+
+The feed-forward of Dang et al. (AISTATS 2025, ``quantization/compute_quantization_error_*.py``)
+for a ReLU MLP ``Flatten, Linear, ReLU, ..., Linear``:
+
+- weights and biases: signed, per tensor, range ``R = 2^ceil(log2 max|W|)``, step ``R 2^(1-b)``,
+  codes ``-2^(b-1) .. 2^(b-1) - 1``, round to nearest (the published ``quantizeSigned``; a
+  weight equal to ``R`` does not fit and saturates to ``R (1 - 2^(1-b))``). ``asymmetric=True``
+  uses a min/max grid with a zero point instead: step ``(max - min) / (2^b - 1)`` over
+  ``[min(W, 0), max(W, 0)]``, codes ``0 .. 2^b - 1``.
+- inputs: the signed grid with ``R = 1`` (pixels in [0, 1]; a pixel near 1 saturates);
+- hidden activations: ``relu``, clip to ``[0, R_a]``, unsigned grid of step ``R_a 2^-b_a``, codes
+  ``0 .. 2^b_a - 1`` (``quantizeUnsigned``); ``R_a = 8`` as published for Fashion-MNIST, or a
+  per-layer power of two from calibration data (``act_range="pow2"``);
+- the logits are the last layer's exact output (not quantised).
+
+Arithmetic is float64: every quantised value is a multiple of a power of two, so the sums of
+products are exact (a fixed-point accumulator) as long as they fit in 53 bits, which they do
+for the bit widths swept here; with ``asymmetric=True`` or ``act_range`` not a power of two
+they are float64-rounded instead.
+
+Certified bound. Every quantised network built here lies in a ``qlib.quant.Perturbation`` box
+around the float network: ``eps_weight`` (``eps_bias``) is half the largest weight (bias) step
+over the layers, ``eps_input`` half the input step, ``eps_act`` half the largest activation
+step. Saturation breaks the half-step argument (a clipped value can be off by more), so it is
+measured, never assumed away: each radius is widened to the largest error actually made on the
+weights (exact) and on the inputs and activations of the evaluated images. The widened box
+contains the exact quantised network's computation on every evaluated image, so the bounds of
+``qlib.bounds`` computed with it are sound for those images (not for unseen ones, on which an
+activation may clip harder). Widening is reported (``PTQResult.widened``) and the saturation
+counts are in every result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from qlib.quant import Perturbation
+
+__all__ = [
+    "FixedPoint",
+    "LayerQuant",
+    "QuantizedMLP",
+    "SimOutput",
+    "PTQResult",
+    "fixed_point",
+    "evaluate_fixed_point",
+    "ptq_sweep",
+]
+
+MIN_BITS, MAX_BITS = 2, 32
+_DTYPE = torch.float64
+
+
+def _check_bits(name: str, bits) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"{name} must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+    return bits
+
+
+@dataclass(frozen=True)
+class FixedPoint:
+    """Settings of the fixed-point simulator (defaults: the published Fashion-MNIST sweep).
+
+    ``bias_bits`` None uses ``weight_bits`` (as published). ``act_range``: the clip ``R_a`` of
+    every hidden activation (a positive float), or ``"pow2"``: per layer
+    ``2^ceil(log2 max activation)`` over calibration images. ``weight_range`` None: the
+    published per-tensor power of two; a float forces that range on every weight and bias
+    tensor (weights beyond it saturate, which is counted). ``asymmetric``: min/max zero-point
+    grids for weights and biases (inputs and activations are one-sided and keep theirs).
+    """
+
+    weight_bits: int = 8
+    input_bits: int = 4
+    act_bits: int = 4
+    bias_bits: int | None = None
+    act_range: float | Literal["pow2"] = 8.0
+    weight_range: float | None = None
+    asymmetric: bool = False
+
+    def __post_init__(self) -> None:
+        _check_bits("weight_bits", self.weight_bits)
+        _check_bits("input_bits", self.input_bits)
+        _check_bits("act_bits", self.act_bits)
+        if self.bias_bits is not None:
+            _check_bits("bias_bits", self.bias_bits)
+        if self.act_range != "pow2" and not _positive(self.act_range):
+            raise ValueError(f"act_range must be a float > 0 or 'pow2', got {self.act_range!r}")
+        if self.weight_range is not None and not _positive(self.weight_range):
+            raise ValueError(f"weight_range must be None or a float > 0, got {self.weight_range!r}")
+        if not isinstance(self.asymmetric, bool):
+            raise ValueError(f"asymmetric must be a bool, got {self.asymmetric!r}")
+
+    @property
+    def bias_bits_(self) -> int:
+        return self.weight_bits if self.bias_bits is None else self.bias_bits
+
+
+def _positive(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """How one Linear layer was quantised: ranges, steps, saturation and the largest errors."""
+
+    index: int
+    weight_range: float
+    weight_step: float
+    bias_range: float
+    bias_step: float
+    saturated_weights: int
+    saturated_biases: int
+    weight_error: float
+    bias_error: float
+    n_weights: int
+    act_range: float | None  # None for the logit layer
+    act_step: float | None
+
+
+@dataclass(frozen=True)
+class SimOutput:
+    """One simulated forward pass: logits ``[N, classes]`` and what the rounding did.
+
+    ``input_error`` / ``act_error`` are the largest ``|x̂ - x|`` over the inputs and
+    ``|ĥ - relu(ẑ)|`` over all hidden activations (``ẑ`` the quantised network's own
+    pre-activation), ``input_errors`` / ``act_errors`` [N] the same per image;
+    ``saturated_*`` count clipped entries.
+    """
+
+    logits: Tensor
+    input_errors: Tensor
+    act_errors: Tensor
+    saturated_inputs: int
+    saturated_acts: int
+
+    @property
+    def input_error(self) -> float:
+        return self.input_errors.max().item()
+
+    @property
+    def act_error(self) -> float:
+        return self.act_errors.max().item()
+
+
+def _signed(x: Tensor, bits: int, r: float) -> tuple[Tensor, Tensor]:
+    """The published ``quantizeSigned`` with both ends clipped to the b-bit two's complement
+    codes; also the mask of saturated entries."""
+    step = r * 2.0 ** (1 - bits)
+    code = torch.round(x / step)
+    lo, hi = -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
+    sat = (code > hi) | (code < lo)
+    return code.clamp(lo, hi) * step, sat
+
+
+def _asymmetric(x: Tensor, bits: int) -> tuple[Tensor, Tensor, float]:
+    """Min/max zero-point grid over ``[min(x, 0), max(x, 0)]``: values, saturation, step."""
+    lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+    step = (hi - lo) / (2.0**bits - 1) if hi > lo else 1.0
+    zero = round(-lo / step)
+    code = torch.round(x / step) + zero
+    sat = (code < 0) | (code > 2.0**bits - 1)
+    return (code.clamp(0, 2.0**bits - 1) - zero) * step, sat, step
+
+
+def _pow2_range(m: float) -> float:
+    """``2^ceil(log2 m)`` (1 for an all-zero tensor)."""
+    return 2.0 ** math.ceil(math.log2(m)) if m > 0 else 1.0
+
+
+def _mlp_linears(model: nn.Module) -> list[nn.Linear]:
+    """The Linear layers of a ReLU MLP; any other structure is refused naming the layer."""
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(
+            f"the fixed-point simulator needs an nn.Sequential MLP, got {type(model).__name__}"
+        )
+    linears: list[nn.Linear] = []
+    expect_relu = False
+    for i, m in enumerate(model):
+        where = f"layer {i} ({type(m).__name__})"
+        if isinstance(m, nn.Flatten) and i == 0:
+            continue
+        if isinstance(m, nn.Linear):
+            if expect_relu:
+                raise ValueError(f"{where}: a hidden Linear layer must be followed by a ReLU")
+            linears.append(m)
+            expect_relu = True
+        elif isinstance(m, nn.ReLU):
+            if not expect_relu:
+                raise ValueError(f"{where}: a ReLU must directly follow a Linear layer")
+            expect_relu = False
+        else:
+            raise ValueError(
+                f"{where}: the fixed-point simulator supports only MLPs (Flatten first, then "
+                "Linear and ReLU); convolutions and other layers are not simulated"
+            )
+    if not linears or not expect_relu:
+        raise ValueError("the MLP must end with a Linear layer giving the logits")
+    return linears
+
+
+@torch.no_grad()
+def _act_maxima(linears: Sequence[nn.Linear], X: Tensor) -> list[float]:
+    """Largest post-ReLU float activation of every hidden layer on ``X``."""
+    h = X.flatten(1).to(_DTYPE)
+    out = []
+    for lin in linears[:-1]:
+        h = torch.relu(F.linear(h, lin.weight.to(_DTYPE), _bias(lin)))
+        out.append(h.max().item() if h.numel() else 0.0)
+    return out
+
+
+def _bias(lin: nn.Linear) -> Tensor:
+    if lin.bias is None:
+        return torch.zeros(lin.out_features, dtype=_DTYPE)
+    return lin.bias.detach().to(_DTYPE)
+
+
+class QuantizedMLP:
+    """A ReLU MLP quantised by ``fixed_point``: quantised parameters and the layer reports."""
+
+    def __init__(
+        self,
+        params: list[tuple[Tensor, Tensor]],
+        layers: list[LayerQuant],
+        config: FixedPoint,
+    ) -> None:
+        self.params = params
+        self.layers = layers
+        self.config = config
+
+    @property
+    def saturated_weights(self) -> int:
+        return sum(layer.saturated_weights for layer in self.layers)
+
+    @property
+    def saturated_biases(self) -> int:
+        return sum(layer.saturated_biases for layer in self.layers)
+
+    @torch.no_grad()
+    def forward(self, X: Tensor, batch_size: int = 10_000) -> SimOutput:
+        """Simulate ``X`` [N, C, H, W] (or [N, features]) in [0, 1]."""
+        cfg = self.config
+        logits, in_err, act_err, in_sat, act_sat = [], [], [], 0, 0
+        for start in range(0, len(X), batch_size):
+            x = X[start : start + batch_size].flatten(1).to(_DTYPE)
+            h, sat = _signed(x, cfg.input_bits, 1.0)
+            in_err.append((h - x).abs().amax(1))
+            in_sat += int(sat.sum())
+            act_err.append(torch.zeros(len(x), dtype=_DTYPE))
+            for (W, b), layer in zip(self.params, self.layers, strict=True):
+                z = F.linear(h, W, b)
+                if layer.act_range is None:
+                    break
+                a = torch.relu(z)
+                code = torch.round(a.clamp(max=layer.act_range) / layer.act_step)
+                top = 2.0**cfg.act_bits - 1
+                act_sat += int((code > top).sum())
+                h = code.clamp(max=top) * layer.act_step
+                act_err[-1] = torch.maximum(act_err[-1], (h - a).abs().amax(1))
+            logits.append(z)
+        return SimOutput(torch.cat(logits), torch.cat(in_err), torch.cat(act_err), in_sat, act_sat)
+
+    __call__ = forward
+
+    def to_module(self, like: nn.Sequential) -> nn.Sequential:
+        """A float64 copy of ``like`` carrying the quantised weights and biases (the network
+        without input and activation rounding, e.g. for ``perturbation_between``)."""
+        import copy
+
+        out = copy.deepcopy(like).to(_DTYPE)
+        for lin, (W, b) in zip(_mlp_linears(out), self.params, strict=True):
+            lin.weight.data.copy_(W)
+            if lin.bias is not None:
+                lin.bias.data.copy_(b)
+        return out
+
+    def perturbation(
+        self, input_error: float, act_error: float
+    ) -> tuple[Perturbation, tuple[str, ...]]:
+        """The box that contains this network's computation on images whose largest input and
+        activation rounding errors are ``input_error`` and ``act_error`` (``SimOutput``), and the
+        kinds widened past half a step by saturation (see the module docstring)."""
+        cfg = self.config
+        half_w = max(0.5 * layer.weight_step for layer in self.layers)
+        half_b = max(0.5 * layer.bias_step for layer in self.layers)
+        half_x = 0.5 * 2.0 ** (1 - cfg.input_bits)
+        half_a = max((0.5 * layer.act_step for layer in self.layers[:-1]), default=0.0)
+        err_w = max(layer.weight_error for layer in self.layers)
+        err_b = max(layer.bias_error for layer in self.layers)
+        widened = tuple(
+            kind
+            for kind, half, err in (
+                ("input", half_x, input_error),
+                ("weight", half_w, err_w),
+                ("bias", half_b, err_b),
+                ("act", half_a, act_error),
+            )
+            if err > half
+        )
+        # Outward by one ulp: the box must also hold float rounding of the comparison itself.
+        pert = Perturbation(
+            eps_input=_up(max(half_x, input_error)),
+            eps_weight=_up(max(half_w, err_w)),
+            eps_bias=_up(max(half_b, err_b)),
+            eps_act=_up(max(half_a, act_error)) if len(self.layers) > 1 else 0.0,
+        )
+        return pert, widened
+
+
+def _up(v: float) -> float:
+    return math.nextafter(v, math.inf) if v > 0 else 0.0
+
+
+def fixed_point(
+    model: nn.Module, config: FixedPoint | None = None, calib: Tensor | None = None
+) -> QuantizedMLP:
+    """Quantise the ReLU MLP ``model`` with ``config``; ``calib`` [N, C, H, W] (training images)
+    sets the activation ranges when ``config.act_range == "pow2"``.
+
+    Raises ``ValueError`` naming the layer for anything but ``Flatten, Linear, ReLU, ...,
+    Linear``.
+    """
+    cfg = config or FixedPoint()
+    if not isinstance(cfg, FixedPoint):
+        raise TypeError(f"config must be a qlib.fixedpoint.FixedPoint, got {type(cfg).__name__}")
+    linears = _mlp_linears(model)
+    if cfg.act_range == "pow2":
+        if calib is None:
+            raise ValueError("act_range='pow2' needs calibration images: pass calib=X_train[:n]")
+        act_ranges = [_pow2_range(m) for m in _act_maxima(linears, calib)]
+    else:
+        act_ranges = [float(cfg.act_range)] * (len(linears) - 1)
+    params, layers = [], []
+    for i, lin in enumerate(linears):
+        W, b = lin.weight.detach().to(_DTYPE), _bias(lin)
+        qW, sat_w, rW, sW = _quantize_param(W, cfg.weight_bits, cfg)
+        qb, sat_b, rb, sb = _quantize_param(b, cfg.bias_bits_, cfg)
+        hidden = i < len(linears) - 1
+        ar = act_ranges[i] if hidden else None
+        layers.append(
+            LayerQuant(
+                index=i,
+                weight_range=rW,
+                weight_step=sW,
+                bias_range=rb,
+                bias_step=sb,
+                saturated_weights=int(sat_w.sum()),
+                saturated_biases=int(sat_b.sum()),
+                weight_error=(qW - W).abs().max().item(),
+                bias_error=(qb - b).abs().max().item() if b.numel() else 0.0,
+                n_weights=W.numel(),
+                act_range=ar,
+                act_step=ar * 2.0**-cfg.act_bits if hidden else None,
+            )
+        )
+        params.append((qW, qb))
+    return QuantizedMLP(params, layers, cfg)
+
+
+def _quantize_param(t: Tensor, bits: int, cfg: FixedPoint) -> tuple[Tensor, Tensor, float, float]:
+    """Quantised tensor, saturation mask, range and step."""
+    if cfg.asymmetric:
+        q, sat, step = _asymmetric(t, bits)
+        lo, hi = min(t.min().item(), 0.0), max(t.max().item(), 0.0)
+        return q, sat, hi - lo, step
+    r = cfg.weight_range or _pow2_range(t.abs().max().item() if t.numel() else 0.0)
+    q, sat = _signed(t, bits, r)
+    return q, sat, r, r * 2.0 ** (1 - bits)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@dataclass(frozen=True)
+class PTQResult:
+    """One quantised network evaluated on a test set of ``N`` images.
+
+    ``error`` [N]: ``|p_y(quantised) - p_y(float)|``, the change in true-class probability; its
+    max and mean are the published quantisation errors. ``linf_*``: the max over classes of the
+    probability change (what the published F-MNIST script computes). ``certified`` [n]: the
+    certified worst-case discrepancy (``qlib.bounds.worst_case_discrepancy``) of the first
+    ``n`` images under ``pert``, a box that contains this quantised network (``widened``: the
+    kinds whose radius saturation pushed past half a step).
+    """
+
+    model: str
+    config: FixedPoint
+    accuracy: float
+    float_accuracy: float
+    error: Tensor
+    error_max: float
+    error_mean: float
+    linf_max: float
+    linf_mean: float
+    saturated_weights: int
+    saturated_biases: int
+    saturated_inputs: int
+    saturated_acts: int
+    n_weights: int
+    layers: tuple[LayerQuant, ...]
+    pert: Perturbation
+    widened: tuple[str, ...]
+    certified: Tensor | None = None
+    method: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def certified_max(self) -> float | None:
+        return None if self.certified is None else self.certified.max().item()
+
+    @property
+    def certified_mean(self) -> float | None:
+        return None if self.certified is None else self.certified.mean().item()
+
+    def row(self) -> dict:
+        """A flat dict for a table."""
+        n = 0 if self.certified is None else len(self.certified)
+        return {
+            "model": self.model,
+            "weight_bits": self.config.weight_bits,
+            "input_bits": self.config.input_bits,
+            "act_bits": self.config.act_bits,
+            "asymmetric": self.config.asymmetric,
+            "accuracy": self.accuracy,
+            "float_accuracy": self.float_accuracy,
+            "error_max": self.error_max,
+            "error_mean": self.error_mean,
+            "linf_max": self.linf_max,
+            "linf_mean": self.linf_mean,
+            "saturated_weights": self.saturated_weights,
+            "saturated_inputs": self.saturated_inputs,
+            "saturated_acts": self.saturated_acts,
+            "widened": ",".join(self.widened),
+            "n_certified": n,
+            "measured_max_on_certified": self.error[:n].max().item() if n else None,
+            "certified_max": self.certified_max,
+            "certified_mean": self.certified_mean,
+        }
+
+
+@torch.no_grad()
+def _float_reference(model: nn.Module, X: Tensor) -> Tensor:
+    """Float64 logits of the float network ``[N, classes]``."""
+    linears = _mlp_linears(model)
+    h = X.flatten(1).to(_DTYPE)
+    for i, lin in enumerate(linears):
+        h = F.linear(h, lin.weight.to(_DTYPE), _bias(lin))
+        if i < len(linears) - 1:
+            h = torch.relu(h)
+    return h
+
+
+def _check_xy(X: Tensor, y: Tensor) -> None:
+    if not isinstance(X, Tensor) or X.ndim < 2 or len(X) == 0:
+        raise ValueError(f"X must be a non-empty batch [N, ...], got {getattr(X, 'shape', X)}")
+    if not isinstance(y, Tensor) or y.shape != (len(X),):
+        raise ValueError(f"y must have shape ({len(X)},), got {getattr(y, 'shape', y)}")
+    if not torch.isfinite(X).all() or X.min() < 0 or X.max() > 1:
+        raise ValueError("X must be finite and in [0, 1]")
+
+
+def evaluate_fixed_point(
+    model: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    config: FixedPoint | None = None,
+    *,
+    calib: Tensor | None = None,
+    certify: int = 0,
+    method: str = "ibp",
+    name: str = "model",
+    reference: Tensor | None = None,
+) -> PTQResult:
+    """Quantise ``model`` with ``config``, run it on ``X`` [N, C, H, W] with labels ``y`` [N],
+    and report accuracy, quantisation error and saturation; with ``certify = n > 0`` also the
+    certified worst-case discrepancy of the first ``n`` images (``method`` bounds of
+    ``qlib.bounds``)."""
+    from qlib import bounds
+
+    _check_xy(X, y)
+    if isinstance(certify, bool) or not isinstance(certify, int) or certify < 0:
+        raise ValueError(f"certify must be an integer >= 0, got {certify!r}")
+    q = fixed_point(model, config, calib)
+    sim = q.forward(X)
+    ref = _float_reference(model, X) if reference is None else reference
+    y = y.long()
+    p_q, p_f = torch.softmax(sim.logits, 1), torch.softmax(ref, 1)
+    error = (p_q - p_f).gather(1, y[:, None]).squeeze(1).abs()
+    linf = (p_q - p_f).abs().amax(1)
+    pert, widened = q.perturbation(sim.input_error, sim.act_error)
+    certified = None
+    if certify:
+        # Each image needs a box that holds its own computation: images without saturation get
+        # the half-step box, the others one widened to their group's measured errors (groups by
+        # which of inputs / activations saturated, so one clipped image never loosens the rest).
+        n = min(certify, len(X))
+        half_x, half_a = q.perturbation(0.0, 0.0)[0].eps_input, q.perturbation(0.0, 0.0)[0].eps_act
+        ie, ae = sim.input_errors[:n], sim.act_errors[:n]
+        group = (ie > half_x).long() * 2 + (ae > half_a).long()
+        certified = torch.empty(n, dtype=_DTYPE)
+        for g in group.unique().tolist():
+            idx = (group == g).nonzero().squeeze(1)
+            box = q.perturbation(ie[idx].max().item(), ae[idx].max().item())[0]
+            certified[idx] = bounds.worst_case_discrepancy(model, X[idx], y[idx], box, method).d
+    return PTQResult(
+        model=name,
+        config=q.config,
+        accuracy=(sim.logits.argmax(1) == y).double().mean().item(),
+        float_accuracy=(ref.argmax(1) == y).double().mean().item(),
+        error=error,
+        error_max=error.max().item(),
+        error_mean=error.mean().item(),
+        linf_max=linf.max().item(),
+        linf_mean=linf.mean().item(),
+        saturated_weights=q.saturated_weights,
+        saturated_biases=q.saturated_biases,
+        saturated_inputs=sim.saturated_inputs,
+        saturated_acts=sim.saturated_acts,
+        n_weights=sum(layer.n_weights for layer in q.layers),
+        layers=tuple(q.layers),
+        pert=pert,
+        widened=widened,
+        certified=certified,
+        method=method if certify else None,
+    )
+
+
+def ptq_sweep(
+    models: Mapping[str, nn.Module],
+    X: Tensor,
+    y: Tensor,
+    weight_bits: Iterable[int] = range(2, 17),
+    config: FixedPoint | None = None,
+    *,
+    calib: Tensor | None = None,
+    certify: int = 0,
+    method: str = "ibp",
+    progress: bool = True,
+) -> list[PTQResult]:
+    """``evaluate_fixed_point`` for every model and weight (and bias) bit width; the other
+    settings come from ``config``. The float reference runs once per model."""
+    base = config or FixedPoint()
+    bits = [_check_bits("weight_bits", b) for b in weight_bits]
+    if not models:
+        raise ValueError("models is empty: give a mapping name -> model")
+    jobs = [(name, b) for name in models for b in bits]
+    refs = {name: _float_reference(m, X) for name, m in models.items()}
+    out = []
+    for name, b in tqdm(jobs, desc="PTQ sweep", disable=not progress, leave=False):
+        cfg = replace(base, weight_bits=b, bias_bits=None)
+        out.append(
+            evaluate_fixed_point(
+                models[name],
+                X,
+                y,
+                cfg,
+                calib=calib,
+                certify=certify,
+                method=method,
+                name=name,
+                reference=refs[name],
+            )
+        )
+    return out
