@@ -26,18 +26,19 @@ import torch
 from qlib import bounds, data, models, zoo
 from qlib.quant import Perturbation
 
+Crown, Fast = bounds.CrownOptions, bounds.FastOptions
 METHODS = {
     "ibp": {"method": "ibp"},
     "crown-ibp": {"method": "crown-ibp"},
-    "crown-fast (64)": {"method": "crown-fast", "fast_rows": 64},
-    "crown-fast (128)": {"method": "crown-fast", "fast_rows": 128},
-    "crown-fast (192)": {"method": "crown-fast", "fast_rows": 192},
+    "crown-fast (64)": {"method": "crown-fast", "options": Fast(64)},
+    "crown-fast (128)": {"method": "crown-fast", "options": Fast(128)},
+    "crown-fast (192)": {"method": "crown-fast", "options": Fast(192)},
     # Only the last hidden layer back-substituted, down to the input of affine layer 1.
-    "crown (last, stop=1)": {"method": "crown", "intermediate_stop": 1, "intermediate_layers": 1},
-    "crown (stop=1)": {"method": "crown", "intermediate_stop": 1},
-    "crown (stop=1, all rows)": {"method": "crown", "intermediate_stop": 1, "unstable_only": False},
+    "crown (last, stop=1)": {"method": "crown", "options": Crown(1, intermediate_layers=1)},
+    "crown (stop=1)": {"method": "crown", "options": Crown(1)},
+    "crown (stop=1, all rows)": {"method": "crown", "options": Crown(1, unstable_only=False)},
     "crown (full)": {"method": "crown"},
-    "crown (full, all rows)": {"method": "crown", "unstable_only": False},
+    "crown (full, all rows)": {"method": "crown", "options": Crown(unstable_only=False)},
 }
 DEFAULT = ["ibp", "crown-ibp", "crown-fast (64)", "crown-fast (128)", "crown-fast (192)"]
 DEFAULT += ["crown (stop=1)", "crown (full)"]

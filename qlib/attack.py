@@ -9,39 +9,15 @@ inside the boxes.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qlib import bounds
+from qlib.bounds import RowDelta
 from qlib.quant import Perturbation, UniformQuantizer, symmetric_quantizer
-
-
-@dataclass(frozen=True)
-class RowDelta:
-    """A weight delta that is constant along each output row: ``dW[n, o, ...] = eps * t[n, o]``.
-
-    ``t`` [N, out] in [-1, 1], one row per sample. For a non-negative layer input ``h`` these
-    deltas reach exactly the pre-activations ``W h + b +/- eps_w 1^T h`` that any weight delta
-    reaches (the envelope of ``qlib.bounds``), with ``out`` instead of ``out x in`` parameters per
-    sample, which is what makes gradient attacks on wide layers affordable. For a convolution the
-    row is a whole kernel, shared by every position, so it is a real network too.
-    """
-
-    t: Tensor
-    eps: float
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.t.shape)
-
-    def abs(self) -> Tensor:
-        return self.t.abs() * self.eps
-
 
 Deltas = list[Tensor | RowDelta | None]
 
@@ -84,18 +60,14 @@ def perturbed_forward(
     h = X.to(torch.float64)
     if dX is not None:
         h = torch.clamp(h + dX.to(torch.float64), 0.0, 1.0)
-    k = r = 0
+    affine, relus = iter(zip(dW, db, strict=True)), iter(dA)
     for layer in net:
         if isinstance(layer, bounds.Affine):
-            h = _affine(layer, h, dW[k], db[k])
-            k += 1
+            h = layer.perturbed(h, *next(affine))
         elif isinstance(layer, bounds.ReLU):
-            h = torch.relu(h)
-            if dA[r] is not None:
-                h = torch.clamp(h + dA[r].to(torch.float64), min=0.0)
-            r += 1
+            h = layer.perturbed(h, next(relus))
         else:
-            h = h.flatten(1)
+            h = layer.perturbed(h)
     return h
 
 
@@ -111,61 +83,6 @@ def _check_deltas(name: str, deltas: Deltas | None, count: int, eps: float) -> D
                 f"{name}[{i}] leaves its box: max |delta| {d.abs().max().item()} > {eps}"
             )
     return deltas
-
-
-# id(parameter) -> (weak reference to it, its version, its float64 copy). Weak, so that the
-# cache never keeps a model's weights alive; dead entries are dropped on the next insertion.
-_FLOAT64: dict[int, tuple[weakref.ref, int, Tensor]] = {}
-
-
-def _float64(tensor: Tensor) -> Tensor:
-    """``tensor`` in float64, converted once per version (attacks run thousands of forwards)."""
-    hit = _FLOAT64.get(id(tensor))
-    if hit is not None and hit[0]() is tensor and hit[1] == tensor._version:
-        return hit[2]
-    for key in [k for k, (ref, _, _) in _FLOAT64.items() if ref() is None]:
-        del _FLOAT64[key]
-    value = tensor.detach().to(torch.float64)
-    _FLOAT64[id(tensor)] = (weakref.ref(tensor), tensor._version, value)
-    return value
-
-
-def _affine(layer: bounds.Affine, h: Tensor, dW: Tensor | RowDelta | None, db: Tensor | None) -> Tensor:
-    """``(W + dW) h + (b + db)`` with ``h`` [N, *in_shape]; per-sample deltas have a leading N."""
-    W = _float64(layer.module.weight)
-    b = layer.bias(W).detach() if layer.module.bias is None else _float64(layer.module.bias)
-    n = len(h)
-    if isinstance(dW, RowDelta):
-        z = _affine(layer, h, None, db)
-        # (W + eps t 1^T) h = W h + eps t (1^T h), the sum running over each output's receptive
-        # field: the same for every output row, so one all-ones row computes it.
-        support = layer.apply(h, torch.ones_like(W[:1]))
-        t = dW.t.to(torch.float64).reshape(n, -1, *([1] * (support.ndim - 2)))
-        return z + dW.eps * t * support
-    if dW is not None:
-        W = W + dW.to(torch.float64)
-    if db is not None:
-        b = b + db.to(torch.float64)
-    per_sample = W.ndim > layer.module.weight.ndim
-    if isinstance(layer, bounds.Linear):
-        z = torch.einsum("ni,noi->no", h, W) if per_sample else h @ W.T
-        return z + b
-    m = layer.module
-    if per_sample:
-        # One grouped convolution runs a different kernel for every sample.
-        z = F.conv2d(
-            h.reshape(1, -1, *h.shape[2:]),
-            W.reshape(-1, *W.shape[2:]),
-            None,
-            m.stride,
-            m.padding,
-            m.dilation,
-            m.groups * n,
-        )
-        z = z.reshape(n, -1, *z.shape[2:])
-    else:
-        z = F.conv2d(h, W, None, m.stride, m.padding, m.dilation, m.groups)
-    return z + (b.reshape(n, -1, 1, 1) if b.ndim == 2 else b.reshape(-1, 1, 1))
 
 
 def _shapes(model: nn.Sequential, X: Tensor) -> tuple[list[tuple], list[tuple], list[tuple]]:

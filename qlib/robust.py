@@ -93,7 +93,6 @@ def train(
             f"data must be X [N, C, H, W] and y [N], got {tuple(X.shape)}, {tuple(y.shape)}"
         )
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     batches = (len(X) + batch_size - 1) // batch_size
     log = RobustTrainLog()
@@ -106,20 +105,28 @@ def train(
         step += 1
         return robust_loss(model, xb, yb, pert.scaled(scale), k, method)
 
-    bar = tqdm(range(epochs), desc=f"robust train ({method})", disable=not progress, leave=False)
-    for epoch in bar:
-        log.loss.append(models.train_epoch(model, (X, y), opt, gen, batch_size, loss_fn))
-        model.eval()
-        if val is not None:
-            v = bounds.verified_accuracy(model, val[0], val[1], pert, method, margin=True)
-            log.val_verified.append(v.accuracy)
-            log.val_clean.append(v.clean_accuracy)
-            best.update(epoch, (v.accuracy, v.clean_accuracy))
-            bar.set_postfix(
-                loss=f"{log.loss[-1]:.3f}", ver=f"{v.accuracy:.3f}", clean=f"{v.clean_accuracy:.3f}"
-            )
-        else:
-            bar.set_postfix(loss=f"{log.loss[-1]:.3f}")
+    # The batch order comes from ``gen``; the fork keeps anything else that draws from torch's
+    # global generator during training seeded, without changing the caller's random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        bar = tqdm(
+            range(epochs), desc=f"robust train ({method})", disable=not progress, leave=False
+        )
+        for epoch in bar:
+            log.loss.append(models.train_epoch(model, (X, y), opt, gen, batch_size, loss_fn))
+            model.eval()
+            if val is not None:
+                v = bounds.verified_accuracy(model, val[0], val[1], pert, method, margin=True)
+                log.val_verified.append(v.accuracy)
+                log.val_clean.append(v.clean_accuracy)
+                best.update(epoch, (v.accuracy, v.clean_accuracy))
+                bar.set_postfix(
+                    loss=f"{log.loss[-1]:.3f}",
+                    ver=f"{v.accuracy:.3f}",
+                    clean=f"{v.clean_accuracy:.3f}",
+                )
+            else:
+                bar.set_postfix(loss=f"{log.loss[-1]:.3f}")
     best.restore()
     log.best_epoch = best.epoch
     model.eval()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from qlib import attack, bounds, models
-from qlib.quant import Perturbation
+from qlib.quant import Perturbation, UniformQuantizer, symmetric_quantizer
 
 
 @pytest.fixture
@@ -84,11 +86,28 @@ def test_zero_perturbation_attack_is_the_float_network(net):
 
 
 def test_rtn_deltas_only_where_they_fit(net):
-    X = torch.rand(3, 1, 5, 5)
+    """Each kind is kept only if its real rounding error fits its box, and the kept deltas are
+    exactly that error: the network they describe is the RTN-quantised one."""
+    X = torch.rand(3, 1, 5, 5, generator=torch.Generator().manual_seed(4))
     tiny = attack.rtn_deltas(net, X, Perturbation.uniform(1e-9), 4)
-    assert all(d is None for d in tiny.dW) and tiny.dX is None
+    assert all(d is None for d in tiny.dW + tiny.db) and tiny.dX is None
     fit = attack.rtn_deltas(net, X, Perturbation.from_model(net, 4, X), 4)
-    assert all(d is not None for d in fit.dW)
+    affine = [m for m in net if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]
+    quantised = copy.deepcopy(net).double()
+    for k, (module, dW, db) in enumerate(zip(affine, fit.dW, fit.db, strict=True)):
+        W = module.weight.detach().double()
+        assert torch.equal(dW, symmetric_quantizer(W, 4).fake_quant(W) - W), f"dW[{k}]"
+        b = module.bias.detach().double()
+        assert torch.equal(db, symmetric_quantizer(b, 4).fake_quant(b) - b), f"db[{k}]"
+    x = X.double()
+    assert torch.equal(fit.dX, UniformQuantizer(4, 1 / 15, signed=False).fake_quant(x) - x)
+    q_affine = [m for m in quantised if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]
+    with torch.no_grad():
+        for m, dW, db in zip(q_affine, fit.dW, fit.db, strict=True):
+            m.weight += dW
+            m.bias += db
+    z = attack.perturbed_forward(net, X, Perturbation.from_model(net, 4, X), **vars(fit))
+    torch.testing.assert_close(z, quantised(x + fit.dX), rtol=0, atol=1e-12)
 
 
 def test_attacked_discrepancy_is_below_the_certified_one(net):

@@ -187,14 +187,19 @@ def test_intermediate_stop_between_crown_ibp_and_crown():
     w = {}
     for name, kw in {
         "crown": {"method": "crown"},
-        "stop1": {"method": "crown", "intermediate_stop": 1},
+        "stop1": {"method": "crown", "options": bounds.CrownOptions(intermediate_stop=1)},
         "crown-ibp": {"method": "crown-ibp"},
     }.items():
         lower, upper = bounds.logit_bounds(net, X, pert, **kw)
         w[name] = (upper - lower).mean().item()
-    assert w["crown-ibp"] >= w["stop1"] - TOL
+    assert w["crown"] - TOL <= w["stop1"] <= w["crown-ibp"] + TOL
+    assert w["crown"] < w["crown-ibp"] - TOL, "the example should separate the two ends"
     with pytest.raises(ValueError, match="intermediate_stop"):
-        bounds.logit_bounds(net, X, pert, "crown", intermediate_stop=4)
+        bounds.logit_bounds(net, X, pert, "crown", options=bounds.CrownOptions(intermediate_stop=4))
+    with pytest.raises(TypeError, match="takes a CrownOptions"):
+        bounds.logit_bounds(net, X, pert, "crown", options=bounds.FastOptions(4))
+    with pytest.raises(TypeError, match="takes no options"):
+        bounds.logit_bounds(net, X, pert, "ibp", options=bounds.CrownOptions())
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
@@ -213,21 +218,23 @@ def test_unstable_only_equals_every_neuron(arch: str, kind: str):
             pert = pert_of(kind, eps)
             ibp_lower, _ = bounds.logit_bounds(net, X, pert, "crown-ibp")
             for kw in ({}, {"intermediate_stop": 1}, {"intermediate_layers": 1}):
-                fast = bounds.logit_bounds(net, X, pert, "crown", **kw)
-                full = bounds.logit_bounds(net, X, pert, "crown", unstable_only=False, **kw)
+                only = bounds.CrownOptions(**kw)
+                every = bounds.CrownOptions(unstable_only=False, **kw)
+                fast = bounds.logit_bounds(net, X, pert, "crown", options=only)
+                full = bounds.logit_bounds(net, X, pert, "crown", options=every)
                 for a, b in zip(fast, full, strict=True):
                     torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
-                changed |= not torch.allclose(fast[0], ibp_lower)
+                changed |= not torch.allclose(fast.lower, ibp_lower)
     assert changed, "the intermediate bounds should matter somewhere"
 
 
 def test_unstable_neurons_are_those_whose_relaxation_moves():
-    """A neuron outside ``_unstable`` has the same relaxation for every sub-interval."""
+    """A neuron outside ``unstable`` has the same relaxation for every sub-interval."""
     pert = Perturbation.only("act", 0.1)
     lo = torch.tensor([[-2.0, -2.0, 0.0, 0.05, 0.1, 0.2, -1.0, 0.05, 0.02]])
     up = torch.tensor([[-0.5, 0.0, 0.1, 0.1, 0.3, 1.0, 0.05, 0.2, 0.08]])
     box = bounds.Interval(lo.double(), up.double())
-    unstable = bounds._unstable(box, pert)
+    unstable = bounds.unstable(box, pert)
     assert unstable.tolist() == [[False, True, True, True, False, False, True, True, False]]
     relu = bounds.ReLU(0, torch.nn.ReLU(), (9,))
     relu.pre = box
@@ -242,17 +249,29 @@ def test_unstable_neurons_are_those_whose_relaxation_moves():
 
 
 def test_crown_fast_rows():
-    """More rows for ``"crown-fast"`` never hurt much and 0 rows equals plain CROWN-IBP."""
+    """More rows for ``"crown-fast"`` never hurt much; with 0 rows every hidden box is IBP's, so
+    on one hidden layer (where the logits are back-substituted to the input) it is CROWN-IBP."""
     net = models.mlp([1, 4, 4], [8, 8, 8], 3, seed=5)
     X = torch.rand(8, 1, 4, 4, generator=torch.Generator().manual_seed(5))
     pert = Perturbation.uniform(1 / 32)
     w = {}
     for rows in (0, 4, 16):
-        lower, upper = bounds.logit_bounds(net, X, pert, "crown-fast", fast_rows=rows)
+        fast = bounds.FastOptions(rows)
+        lower, upper = bounds.logit_bounds(net, X, pert, "crown-fast", options=fast)
         w[rows] = (upper - lower).mean().item()
     assert w[16] <= w[0] + TOL
+    net_layers = bounds.layers(net, X.shape[1:])
+    ibp = bounds.forward_bounds(net_layers, X.double(), pert, "ibp")
+    zero = bounds.forward_bounds(net_layers, X.double(), pert, "crown-fast", bounds.FastOptions(0))
+    for a, b in zip(ibp, zero, strict=True):
+        assert torch.equal(a.lower, b.lower) and torch.equal(a.upper, b.upper)
+    shallow = models.mlp([1, 4, 4], [8], 3, seed=5)
+    fast0 = bounds.logit_bounds(shallow, X, pert, "crown-fast", options=bounds.FastOptions(0))
+    crown_ibp = bounds.logit_bounds(shallow, X, pert, "crown-ibp")
+    for a, b in zip(fast0, crown_ibp, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="fast_rows"):
-        bounds.logit_bounds(net, X, pert, "crown-fast", fast_rows=-1)
+        bounds.FastOptions(-1)
 
 
 def test_margin_bounds_tighter_than_logit_difference():
@@ -275,7 +294,8 @@ def test_chunking_does_not_change_bounds():
     for method in METHODS:
         a = bounds.logit_bounds(net, X, pert, method)
         b = bounds.logit_bounds(net, X, pert, method, chunk=3)
-        assert torch.allclose(a[0], b[0]) and torch.allclose(a[1], b[1])
+        assert torch.allclose(a.lower, b.lower) and torch.allclose(a.upper, b.upper)
+        assert a.method == method and a.seconds > 0
 
 
 def test_zero_perturbation_gives_the_float_logits():

@@ -1,0 +1,103 @@
+"""Sound bounds on the logits of every quantised version of a float ReLU network.
+
+The perturbation model (``qlib.quant.Perturbation``): inputs ``x̂ ∈ [x - eps_x, x + eps_x] ∩ [0, 1]``,
+every affine layer computes ``ẑ = (W + ΔW) ĥ + (b + Δb)`` with ``|ΔW| <= eps_w``, ``|Δb| <= eps_b``
+entrywise, and every hidden ReLU outputs ``ĥ = relu(ẑ) + δ >= 0`` with ``|δ| <= eps_a``.
+
+Two ways to bound the logits ``[N, classes]``:
+
+- ``"ibp"``: interval bound propagation with the sound rule for ``(W + ΔW) x + (b + Δb)``:
+  centre ``W c + b``, radius ``|W| r + eps_w Σ_j max(|l_j|, |u_j|) + eps_b``. (The published code
+  adds ``eps_w ||c||_1`` to the centre instead of the radius, which is unsound.)
+- linear bounds (CROWN-style back-substitution). Every layer input ``h`` is non-negative, so for a
+  fixed ``h`` the reachable ``c^T ẑ`` is exactly ``c^T (W h + b) ± ||c||_1 (eps_w 1^T h + eps_b)``;
+  back-substituting a row ``c`` gives the lower bound ``(W^T c - eps_w ||c||_1 1)^T h + c^T b -
+  eps_b ||c||_1``, linear in ``h``. ReLUs with activation perturbation are relaxed through
+  ``relu(ẑ - eps_a) <= ĥ <= relu(ẑ) + eps_a``. ``"crown-ibp"`` takes the pre-activation bounds
+  from IBP, ``"crown"`` back-substitutes for every hidden layer too (intersected with IBP).
+  Only the hidden neurons whose relaxation depends on their bounds (``unstable``: the IBP
+  interval straddles 0 or ``eps_a``) are back-substituted, each sample its own rows; the others
+  keep their IBP interval, and since any sub-interval gives them the same relaxation the logit
+  bounds equal those of back-substituting every neuron (``CrownOptions(unstable_only=False)``).
+  ``"crown-fast"`` is CROWN-IBP plus back-substituted bounds for only ``FastOptions.rows`` (neuron, side)
+  pairs per sample of the last hidden layer, the unstable neurons with the largest relaxation gap
+  times logit weight, down to the input of the affine layer two before the logits (as are the
+  logits): the cost-effective middle between the two on deep MLPs (see
+  ``benchmarks/bench_bounds.py``). Which rows are chosen affects only tightness, never soundness.
+
+For convolutions the weight kernel is shared across positions, but the bounds let every output
+position pick its own ``ΔW``: a superset of the real networks, so sound (and only slightly loose).
+
+Numerics: bounds are computed in float64 by default without directed (outward) rounding; the
+float64 rounding error (relative ~1e-16 per operation, times the sum of absolute terms) is many
+orders of magnitude below any eps of interest, but the bounds are not certified to the last ulp.
+
+The network is an ``nn.Sequential`` of Linear, Conv2d, ReLU and Flatten; a ReLU must follow every
+affine layer except the last, which gives the logits.
+
+Modules: ``values`` (``Interval``, ``LinearBound``), ``layers`` (the per-layer objects with their
+IBP, back-substitution and concrete perturbed rules; ``layers(model, in_shape)``), ``propagation``
+(``forward_bounds``, ``backsubstitute``, ``unstable``), ``methods`` (``logit_bounds``,
+``margin_bounds`` and the registry of methods by name), ``measures`` (``worst_case_discrepancy``,
+``verified_accuracy``).
+"""
+
+from qlib.bounds.layers import Affine, Conv2d, Flatten, Layer, Linear, ReLU, RowDelta, layers
+from qlib.bounds.measures import (
+    Discrepancy,
+    Verification,
+    float_logits,
+    verified_accuracy,
+    worst_case_discrepancy,
+)
+from qlib.bounds.methods import (
+    METHODS,
+    BoundMethod,
+    LogitBounds,
+    Method,
+    available_methods,
+    logit_bounds,
+    margin_bounds,
+    register_method,
+)
+from qlib.bounds.propagation import (
+    CrownOptions,
+    FastOptions,
+    backsubstitute,
+    forward_bounds,
+    input_box,
+    unstable,
+)
+from qlib.bounds.values import Interval, LinearBound
+
+__all__ = [
+    "METHODS",
+    "Affine",
+    "BoundMethod",
+    "Conv2d",
+    "CrownOptions",
+    "Discrepancy",
+    "FastOptions",
+    "Flatten",
+    "Interval",
+    "Layer",
+    "Linear",
+    "LinearBound",
+    "LogitBounds",
+    "Method",
+    "ReLU",
+    "RowDelta",
+    "Verification",
+    "available_methods",
+    "backsubstitute",
+    "float_logits",
+    "forward_bounds",
+    "input_box",
+    "layers",
+    "logit_bounds",
+    "margin_bounds",
+    "register_method",
+    "unstable",
+    "verified_accuracy",
+    "worst_case_discrepancy",
+]

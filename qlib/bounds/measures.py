@@ -1,0 +1,119 @@
+"""Measures built on bounds: the worst-case discrepancy and the verified accuracy of a data set.
+
+Each takes a bound method by name (``qlib.bounds.available_methods()``), so a method registered
+later (``register_method``) is measured the same way as the built-in ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qlib.bounds.layers import layers
+from qlib.bounds.methods import Method, Options, check_labels, logit_bounds, margin_bounds
+from qlib.quant import Perturbation
+
+__all__ = [
+    "Discrepancy",
+    "Verification",
+    "float_logits",
+    "verified_accuracy",
+    "worst_case_discrepancy",
+]
+
+
+@dataclass(frozen=True)
+class Discrepancy:
+    """Worst-case discrepancy between ``f`` and every perturbed network, per sample ``[N]``.
+
+    ``d`` is the published measure on the true-class softmax probability:
+    ``max(p_best - p0, p0 - p_worst)``; ``logit_gap`` is ``max_j max(U_j - f_j, f_j - L_j)``.
+    ``worst`` and ``worst_logit_gap`` are the data-set maxima.
+    """
+
+    d: Tensor
+    logit_gap: Tensor
+    p0: Tensor
+    p_best: Tensor
+    p_worst: Tensor
+    lower: Tensor
+    upper: Tensor
+    worst: float
+    worst_logit_gap: float
+
+
+def worst_case_discrepancy(
+    model: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    pert: Perturbation,
+    method: Method | str = "ibp",
+    *,
+    options: Options | None = None,
+) -> Discrepancy:
+    """Bound the published discrepancy for every sample of ``X`` [N, ...] with labels ``y`` [N]
+    by the logit bounds of ``method`` (any name of ``available_methods()``)."""
+    lower, upper = logit_bounds(model, X, pert, method, options=options)
+    y = check_labels(y, len(X), lower.shape[1])
+    with torch.no_grad():
+        f = float_logits(model, X)
+    hot = F.one_hot(y, lower.shape[1]).bool()
+    p0 = torch.softmax(f, 1).gather(1, y[:, None]).squeeze(1)
+    p_best = torch.softmax(torch.where(hot, upper, lower), 1).gather(1, y[:, None]).squeeze(1)
+    p_worst = torch.softmax(torch.where(hot, lower, upper), 1).gather(1, y[:, None]).squeeze(1)
+    d = torch.maximum(p_best - p0, p0 - p_worst)
+    gap = torch.maximum(upper - f, f - lower).amax(1)
+    return Discrepancy(d, gap, p0, p_best, p_worst, lower, upper, d.max().item(), gap.max().item())
+
+
+def float_logits(model: nn.Module, X: Tensor) -> Tensor:
+    """The nominal network's logits ``[N, C]`` evaluated in float64 (every delta zero)."""
+    h = X.to(torch.float64)
+    for layer in layers(model, X.shape[1:]):
+        h = layer.perturbed(h)
+    return h
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Which samples ``[N]`` are certified: every perturbed network predicts the label."""
+
+    verified: Tensor
+    correct: Tensor
+    accuracy: float
+    clean_accuracy: float
+
+
+def verified_accuracy(
+    model: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    pert: Perturbation,
+    method: Method | str = "ibp",
+    *,
+    margin: bool = False,
+    options: Options | None = None,
+) -> Verification:
+    """Fraction of samples whose true logit provably beats every other logit.
+
+    ``margin=False``: ``L_y > max_{j != y} U_j``. ``margin=True``: bound ``logit_y - logit_j``
+    directly (``margin_bounds``), which is tighter.
+    """
+    if margin:
+        verified = (margin_bounds(model, X, y, pert, method, options=options) > 0).all(1)
+        y = y.long()
+    else:
+        lower, upper = logit_bounds(model, X, pert, method, options=options)
+        y = check_labels(y, len(X), lower.shape[1])
+        hot = F.one_hot(y, lower.shape[1]).bool()
+        verified = lower.gather(1, y[:, None]).squeeze(1) > upper.masked_fill(hot, -torch.inf).amax(
+            1
+        )
+    with torch.no_grad():
+        correct = float_logits(model, X).argmax(1) == y
+    return Verification(
+        verified, correct, verified.double().mean().item(), correct.double().mean().item()
+    )
