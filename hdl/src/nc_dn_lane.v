@@ -1,0 +1,110 @@
+// Downstream lane: bfloat16 values in, packed n-bit words out.
+// Pipeline: x * inv_scale (exact significand product) -> A | round, saturate -> B |
+// compressor -> FIFO (2 entries). A packet ends at the input tlast; the last word is padded
+// with zero bits and carries tlast. If the last value completes one word and starts another,
+// the second leaves in a one-cycle flush.
+`default_nettype none
+module nc_dn_lane (
+    input  wire        clk,
+    input  wire        rst,
+    input  wire        start,
+    input  wire [4:0]  n_cfg,
+    input  wire        narrow_cfg,
+    input  wire [31:0] inv_cfg,
+    input  wire        s_valid,
+    input  wire [15:0] s_data,
+    input  wire        s_last,
+    output wire        s_ready,
+    output wire        m_valid,
+    output wire [15:0] m_data,
+    output wire        m_last,
+    input  wire        m_ready,
+    output wire        active,
+    output wire        ev_nan,
+    output wire        ev_inf,
+    output wire        ev_sat
+);
+    reg        busy, tl_seen, flush;
+    reg [4:0]  n;
+    reg        narrow;
+    reg [31:0] inv;
+    reg        vA, lastA, vB, lastB;
+    reg [1:0]  kindA;
+    reg        signA;
+    reg [9:0]  eA;
+    reg [31:0] prodA;
+    reg [15:0] codeB;
+    reg [31:0] acc;
+    reg [4:0]  fill;
+
+    wire space, f_valid;
+    wire en = space && !flush;
+    assign s_ready = busy && !tl_seen && en;
+    wire accept = s_valid && s_ready;
+
+    wire [1:0]  kind;
+    wire        sign, x_nan, x_inf;
+    wire [9:0]  e;
+    wire [31:0] prod;
+    nc_quant_mul u_qm (.x(s_data), .s(inv), .kind(kind), .sign(sign), .e(e), .prod(prod),
+                       .x_nan(x_nan), .x_inf(x_inf));
+    wire [15:0] code;
+    wire        sat;
+    nc_quant_round u_qr (.kind(kindA), .sign(signA), .e(eA), .prod(prodA), .n(n), .narrow(narrow),
+                         .code(code), .sat(sat));
+    wire [31:0] acc_next;
+    wire [4:0]  fill_next;
+    wire        emit;
+    wire [15:0] word;
+    nc_compress u_cp (.acc(acc), .fill(fill), .code(codeB), .n(n), .acc_next(acc_next),
+                      .fill_next(fill_next), .emit(emit), .word(word));
+
+    assign ev_nan = accept && x_nan;
+    assign ev_inf = accept && x_inf;
+    assign ev_sat = en && vA && sat;
+
+    wire step = en && vB;
+    // the word pushed this cycle: a flush, or a full word, or the padded last word
+    wire        push = (flush && space) || (step && (emit || lastB));
+    wire [15:0] pword = flush ? acc[15:0] : word;
+    wire        plast = flush || (step && lastB && !(emit && fill_next != 5'd0));
+    nc_fifo #(.WIDTH(17), .DEPTH(2)) u_out (
+        .clk(clk), .rst(rst), .push(push), .din({plast, pword}), .space(space),
+        .valid(f_valid), .dout({m_last, m_data}), .ready(m_ready));
+    assign m_valid = f_valid;
+    assign active = busy || f_valid;
+
+    always @(posedge clk) begin
+        if (rst) begin
+            busy <= 1'b0; tl_seen <= 1'b0; flush <= 1'b0; n <= 5'd16; narrow <= 1'b0;
+            inv <= 32'd0; vA <= 1'b0; vB <= 1'b0; lastA <= 1'b0; lastB <= 1'b0;
+            acc <= 32'd0; fill <= 5'd0; kindA <= 2'd0; signA <= 1'b0; eA <= 10'd0;
+            prodA <= 32'd0; codeB <= 16'd0;
+        end else if (start) begin
+            busy <= 1'b1; tl_seen <= 1'b0; flush <= 1'b0; n <= n_cfg; narrow <= narrow_cfg;
+            inv <= inv_cfg; vA <= 1'b0; vB <= 1'b0; acc <= 32'd0; fill <= 5'd0;
+        end else begin
+            if (accept && s_last) tl_seen <= 1'b1;
+            if (flush && space) begin
+                flush <= 1'b0; busy <= 1'b0; acc <= 32'd0; fill <= 5'd0;
+            end
+            if (en) begin
+                vA <= accept; lastA <= s_last; kindA <= kind; signA <= sign; eA <= e;
+                prodA <= prod;
+                vB <= vA; lastB <= lastA; codeB <= code;
+                if (vB) begin
+                    if (lastB) begin
+                        if (emit && fill_next != 5'd0) begin
+                            flush <= 1'b1; acc <= acc_next; fill <= fill_next;
+                        end else begin
+                            busy <= 1'b0; acc <= 32'd0; fill <= 5'd0;
+                        end
+                    end else begin
+                        acc <= acc_next; fill <= fill_next;
+                    end
+                end
+            end
+        end
+    end
+endmodule
+`default_nettype wire
