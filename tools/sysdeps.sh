@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the book needs, or says exactly what to install.
-# Later chapters add their tools (iverilog, yosys) to PACKAGES.
+# iverilog and yosys: the number-converter chapter simulates (Icarus) and synthesises its Verilog.
 # texlive-xetex: matplotlib's PGF backend measures text with xelatex (Pareto fronts exported
 # for papers); without it the chapter falls back to a pgfplots file.
 set -euo pipefail
-PACKAGES=(dataset-fashion-mnist texlive-xetex)
+PACKAGES=(dataset-fashion-mnist texlive-xetex iverilog yosys)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
