@@ -8,7 +8,7 @@ PROFILE ?= full
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt
 export QLIB_CACHE ?= $(CURDIR)/.qlib-cache
 
-.PHONY: setup sysdeps book notebooks html test lab run lint clean
+.PHONY: setup sysdeps book notebooks html pdf check test lab run lint clean
 
 setup: sysdeps $(STAMP)
 
@@ -30,6 +30,14 @@ notebooks: setup
 html: setup
 	$(BIN)/jupyter-book build . --builder html
 	@echo "The book is in _build/html/index.html"
+
+# The PDF book (LaTeX) from the notebooks `make book` executed; copied into _build/html.
+pdf: setup
+	$(BIN)/python -m qlib.book pdf
+
+# Reads the built HTML book in headless Chromium, offline; screenshots in _build/screenshots.
+check: setup
+	$(BIN)/python -m qlib.book check _build/html
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -6,7 +6,9 @@ the book, ``quick`` for tests). A notebook whose source, parameters, ``qlib`` so
 benchmark scripts it names are unchanged since its last successful run is not executed again.
 A failing notebook is reported with its cell, the others still run, and the run fails at the end.
 
-Command line: ``python -m qlib.book run [--profile quick] [--force] [STEM ...]``.
+Command line: ``python -m qlib.book run [--profile quick] [--force] [STEM ...]`` executes;
+``python -m qlib.book pdf`` builds the PDF book (after ``run``) and says which chapters could not
+go to it; ``python -m qlib.book check [_build/html]`` reads the HTML book in headless Chromium.
 """
 
 from __future__ import annotations
@@ -16,9 +18,13 @@ import hashlib
 import json
 import os
 import platform
+import re
+import shutil
+import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -27,6 +33,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ("full", "quick")
 EXECUTED_DIR = "book/nb"
+PDF_NAME = "qlib-book.pdf"  # the PDF's name in the HTML book, where the intro links to it
 
 
 @dataclass(frozen=True)
@@ -34,9 +41,10 @@ class Outcome:
     """What happened to one notebook."""
 
     stem: str
-    status: str  # "executed", "up to date" or "failed"
+    status: str  # "executed", "up to date", "failed"; or, read back, "not executed"
     seconds: float
     error: str = ""
+    finished: str = ""  # when the notebook's last execution ended, "YYYY-MM-DD HH:MM UTC"
 
 
 def toc_notebooks(toc: Path = ROOT / "_toc.yml") -> list[str]:
@@ -58,7 +66,9 @@ def toc_notebooks(toc: Path = ROOT / "_toc.yml") -> list[str]:
     return found
 
 
-def profile_parameters(stem: str, profile: str, path: Path = ROOT / "book" / "profiles.yml") -> dict:
+def profile_parameters(
+    stem: str, profile: str, path: Path = ROOT / "book" / "profiles.yml"
+) -> dict:
     """The papermill parameters of notebook ``stem`` under ``profile``."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; expected one of {PROFILES}")
@@ -106,7 +116,9 @@ def execute(
     if not force and target.is_file():
         meta = json.loads(target.read_text()).get("metadata", {}).get("qlib", {})
         if meta.get("key") == key and meta.get("ok"):
-            return Outcome(stem, "up to date", meta.get("seconds", 0.0))
+            return Outcome(
+                stem, "up to date", meta.get("seconds", 0.0), "", meta.get("finished", "")
+            )
     target.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     error = ""
@@ -124,11 +136,60 @@ def execute(
     seconds = time.perf_counter() - start
     if target.is_file():
         nb = json.loads(target.read_text())
+        hide_injected_parameters(nb)
+        finished = _now()
         nb.setdefault("metadata", {})["qlib"] = {
-            "key": key, "ok": not error, "seconds": seconds, "profile": profile,
+            "key": key,
+            "ok": not error,
+            "seconds": seconds,
+            "profile": profile,
+            "finished": finished,
+            "error": error,
         }
         target.write_text(json.dumps(nb, indent=1))
-    return Outcome(stem, "failed" if error else "executed", seconds, error)
+    else:
+        finished = _now()
+    return Outcome(stem, "failed" if error else "executed", seconds, error, finished)
+
+
+def recorded(stem: str, nb_dir: Path = ROOT / EXECUTED_DIR) -> Outcome:
+    """What ``nb_dir/<stem>.ipynb`` records of its last execution (status "not executed" if
+    there is no executed notebook)."""
+    target = Path(nb_dir) / f"{stem}.ipynb"
+    meta = {}
+    if target.is_file():
+        meta = json.loads(target.read_text()).get("metadata", {}).get("qlib", {})
+    if not meta:
+        return Outcome(stem, "not executed", 0.0)
+    status = "executed" if meta.get("ok") else "failed"
+    return Outcome(
+        stem,
+        status,
+        float(meta.get("seconds", 0.0)),
+        meta.get("error", ""),
+        meta.get("finished", ""),
+    )
+
+
+def hide_injected_parameters(nb: dict) -> int:
+    """Tag papermill's ``injected-parameters`` cells ``remove-cell``; return how many.
+
+    The cell stays in the executed notebook (it records the run's parameters) but the rendered
+    book drops it: the reader sees the notebook's own ``parameters`` cell, and the profile's
+    values in the build-status page.
+    """
+    n = 0
+    for cell in nb.get("cells", []):
+        tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+        if "injected-parameters" in tags:
+            n += 1
+            if "remove-cell" not in tags:
+                tags.append("remove-cell")
+    return n
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def machine() -> str:
@@ -144,18 +205,31 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
-def write_status(outcomes: list[Outcome], profile: str, path: Path) -> None:
-    """A Markdown table of the run (included by the book's intro and status page)."""
+def write_status(
+    outcomes: list[Outcome], profile: str, path: Path, wall_seconds: float | None = None
+) -> Path:
+    """Write the build-status table to ``path`` (Markdown, included by the status page) and the
+    build's total to ``build_total.md`` beside it (included by the intro); return the latter.
+
+    ``outcomes`` should cover every chapter (``recorded`` reads back those not run now);
+    ``wall_seconds`` is the wall time of the run that wrote it.
+    """
     total = sum(o.seconds for o in outcomes)
     lines = [
         f"Profile `{profile}`; notebooks executed on {machine()}, Python "
         f"{platform.python_version()}; total notebook time {total / 60:.1f} min "
         f"(time of each notebook's last execution).",
         "",
-        "| notebook | status | time (s) |",
-        "|---|---|---|",
+        "| notebook | status | time (s) | finished |",
+        "|---|---|---|---|",
     ]
-    lines += [f"| {o.stem} | {o.status} | {o.seconds:.1f} |" for o in outcomes]
+    lines += [
+        f"| {o.stem} | {o.status} | {o.seconds:.1f} | {o.finished or '-'} |" for o in outcomes
+    ]
+    problems = [o for o in outcomes if o.status.startswith("failed") or o.status == "not executed"]
+    if problems:
+        lines += ["", "Not in this book:"]
+        lines += [f"- {o.stem}: {o.status}{': ' + o.error if o.error else ''}" for o in problems]
     pkgs = ["torch", "numpy", "scipy", "scikit-learn", "papermill", "jupyter-book", "matplotlib"]
     versions = []
     for p in pkgs:
@@ -164,8 +238,185 @@ def write_status(outcomes: list[Outcome], profile: str, path: Path) -> None:
         except metadata.PackageNotFoundError:
             pass
     lines += ["", "Packages: " + ", ".join(versions) + "."]
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
+
+    ran = [o for o in outcomes if o.status in ("executed", "failed")]
+    total_md = path.with_name("build_total.md")
+    text = [
+        f"Executing every chapter once takes **{total / 60:.1f} min** on {machine()} "
+        f"(profile `{profile}`, the sum of each chapter's last execution time)."
+    ]
+    if wall_seconds is not None:
+        text.append(
+            f"The last run of the notebooks (`python -m qlib.book run`, finished {_now()}) took "
+            f"**{wall_seconds / 60:.1f} min** of wall time and executed {len(ran)} of the "
+            f"{len(outcomes)} chapters (the others were up to date, or not asked for)."
+        )
+    if problems:
+        text.append(
+            f"Missing from this build: {', '.join(o.stem for o in problems)} (see the status page)."
+        )
+    text.append("Per-chapter times are on the {doc}`build status </book/status>` page.")
+    total_md.write_text(" ".join(text) + "\n")
+    return total_md
+
+
+def status_outcomes(
+    outcomes: list[Outcome], stems: list[str], nb_dir: Path = ROOT / EXECUTED_DIR
+) -> list[Outcome]:
+    """``outcomes`` of this run, completed with what ``nb_dir`` records for the other ``stems``
+    (status suffixed "(earlier run)"), in the order of ``stems``."""
+    by_stem = {o.stem: o for o in outcomes}
+    done = []
+    for stem in stems:
+        o = by_stem.get(stem) or recorded(stem, nb_dir)
+        if stem not in by_stem and o.status != "not executed":
+            o = replace(o, status=f"{o.status} (earlier run)")
+        done.append(o)
+    return done
+
+
+def stage_book(nb_dir: Path, dest: Path, profile: str = "quick") -> Path:
+    """Lay out a buildable copy of the book in ``dest``: the configuration and pages of this
+    repository with the executed notebooks of ``nb_dir`` as ``book/nb``, and a status page read
+    back from them. Returns ``dest``; nothing is executed.
+
+    Used to build the HTML of notebooks executed elsewhere (the tests execute into a temporary
+    folder) without touching ``book/nb`` or ``_build``.
+    """
+    dest = Path(dest)
+    for name in ("_config.yml", "_toc.yml"):
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, dest / name)
+    shutil.copytree(
+        ROOT / "book",
+        dest / "book",
+        dirs_exist_ok=True,
+        ignore=shutil.ignore_patterns("nb", "_generated", "_build"),
+    )
+    stems = toc_notebooks(dest / "_toc.yml")
+    (dest / EXECUTED_DIR).mkdir(parents=True, exist_ok=True)
+    for stem in stems:
+        src = Path(nb_dir) / f"{stem}.ipynb"
+        if src.is_file():
+            shutil.copy2(src, dest / EXECUTED_DIR / f"{stem}.ipynb")
+    outcomes = [recorded(stem, Path(nb_dir)) for stem in stems]
+    write_status(outcomes, profile, dest / "book" / "_generated" / "status.md")
+    return dest
+
+
+def _jupyter_book(source: Path, builder: str, out: Path | None, log: Path) -> int:
+    """Run ``jupyter-book build`` with its output in ``log``; return its exit status."""
+    exe = Path(sys.executable).parent / "jupyter-book"
+    cmd = [str(exe if exe.exists() else "jupyter-book"), "build", str(source), "--builder", builder]
+    if out is not None:
+        cmd += ["--path-output", str(out)]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as f:
+        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
+
+
+def build_html(source: Path = ROOT, out: Path | None = None) -> Path:
+    """Build the HTML book of ``source`` (a book root) with Jupyter Book; return the folder
+    holding ``index.html`` (``<out or source>/_build/html``). Raises ``RuntimeError`` with the
+    end of the build log if the build fails."""
+    base = Path(out or source)
+    log = base / "_build" / "html-build.log"
+    if _jupyter_book(Path(source), "html", out, log) != 0:
+        tail = "\n".join(log.read_text().splitlines()[-30:])
+        raise RuntimeError(f"jupyter-book HTML build of {source} failed (log {log}):\n{tail}")
+    return base / "_build" / "html"
+
+
+# MIME types that Sphinx's LaTeX writer can show; an output with none of them is left out.
+_LATEX_MIMES = ("image/png", "image/jpeg", "application/pdf", "text/latex", "text/plain")
+
+
+def pdf_problems(stems: list[str], nb_dir: Path = ROOT / EXECUTED_DIR) -> dict[str, str]:
+    """Chapters that cannot go to the PDF as they are, before any LaTeX runs: not executed,
+    failed, or with outputs that only a browser can show. Maps stem to the reason."""
+    problems: dict[str, str] = {}
+    for stem in stems:
+        o = recorded(stem, nb_dir)
+        if o.status == "not executed":
+            problems[stem] = "not executed (run `python -m qlib.book run` first)"
+            continue
+        if o.status == "failed":
+            problems[stem] = f"its execution failed ({o.error})"
+            continue
+        nb = json.loads((Path(nb_dir) / f"{stem}.ipynb").read_text())
+        lost = []
+        for i, cell in enumerate(nb.get("cells", [])):
+            for out in cell.get("outputs", []):
+                data = out.get("data")
+                if data and not any(m in data for m in _LATEX_MIMES):
+                    lost.append(f"cell {i} ({', '.join(sorted(data))})")
+        if lost:
+            problems[stem] = "outputs only a browser can show, left out: " + "; ".join(lost)
+    return problems
+
+
+def latex_errors(tex: Path) -> dict[str, list[str]]:
+    """LaTeX errors of the run that compiled ``tex``, by the chapter they occurred in (read from
+    the ``.log`` beside it: each ``! message`` with its ``l.<line>`` mapped to the last
+    ``\\chapter`` before that line of ``tex``)."""
+    log = tex.with_suffix(".log")
+    if not log.is_file():
+        return {}
+    chapters = []  # (line number, title)
+    for n, line in enumerate(tex.read_text(errors="replace").splitlines(), 1):
+        m = re.match(r"\\chapter\*?\{(.*?)\}", line.strip())
+        if m:
+            chapters.append((n, m.group(1)))
+    found: dict[str, list[str]] = {}
+    message = None
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("! "):
+            message = line[2:].strip()
+        elif message is not None:
+            m = re.match(r"l\.(\d+)", line)
+            if m:
+                n = int(m.group(1))
+                where = [t for start, t in chapters if start <= n]
+                found.setdefault(where[-1] if where else "front matter", []).append(message)
+                message = None
+    return found
+
+
+def build_pdf(
+    source: Path = ROOT, html_dir: Path | None = None, out: Path | None = None
+) -> Path | None:
+    """Build the PDF book with Jupyter Book's LaTeX builder and TeX Live, copy it into the HTML
+    book (where the intro links to it) and print which chapters could not go to the PDF and
+    why. Returns the PDF's path, or ``None`` if no PDF was written."""
+    source = Path(source)
+    base = Path(out or source)
+    stems = toc_notebooks(source / "_toc.yml")
+    for stem, why in pdf_problems(stems, source / EXECUTED_DIR).items():
+        print(f"[qlib.book pdf] chapter {stem}: {why}", flush=True)
+    log = base / "_build" / "pdf-build.log"
+    start = time.perf_counter()
+    rc = _jupyter_book(source, "pdflatex", out, log)
+    seconds = time.perf_counter() - start
+    latex = base / "_build" / "latex"
+    pdfs = sorted(latex.glob("*.pdf"))
+    for tex in sorted(latex.glob("*.tex")):
+        for chapter, messages in latex_errors(tex).items():
+            shown = "; ".join(dict.fromkeys(messages))
+            print(f"[qlib.book pdf] LaTeX errors in chapter '{chapter}': {shown}", flush=True)
+    if not pdfs:
+        tail = "\n".join(log.read_text().splitlines()[-25:])
+        print(f"[qlib.book pdf] no PDF written (exit {rc}); end of {log}:\n{tail}", file=sys.stderr)
+        return None
+    pdf = pdfs[0]
+    html_dir = Path(html_dir or base / "_build" / "html")
+    html_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(pdf, html_dir / PDF_NAME)
+    state = "" if rc == 0 else f" (with errors, exit {rc}; log {log})"
+    print(f"[qlib.book pdf] {pdf} in {seconds:.0f} s{state}; copied to {html_dir / PDF_NAME}")
+    return pdf
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,8 +426,18 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("stems", nargs="*", help="notebook stems (default: all of _toc.yml)")
     run.add_argument("--profile", default="full", choices=PROFILES)
     run.add_argument("--force", action="store_true", help="execute even if up to date")
+    pdf = sub.add_parser("pdf", help="build the PDF book with LaTeX; copy it into the HTML book")
+    pdf.add_argument("--html", type=Path, default=None, help="HTML book folder (_build/html)")
+    check = sub.add_parser("check", help="read the built HTML book in headless Chromium")
+    check.add_argument("html", nargs="?", type=Path, default=ROOT / "_build" / "html")
+    check.add_argument("--screenshots", type=Path, default=ROOT / "_build" / "screenshots")
     args = parser.parse_args(argv)
+    if args.command == "pdf":
+        return 0 if build_pdf(html_dir=args.html) else 1
+    if args.command == "check":
+        return _check(args.html, args.screenshots)
 
+    start = time.perf_counter()
     stems = args.stems or toc_notebooks()
     outcomes = []
     for stem in stems:
@@ -184,11 +445,27 @@ def main(argv: list[str] | None = None) -> int:
         o = execute(stem, args.profile, force=args.force)
         print(f"[qlib.book] {stem}: {o.status} in {o.seconds:.1f} s {o.error}", flush=True)
         outcomes.append(o)
-    write_status(outcomes, args.profile, ROOT / "book" / "_generated" / "status.md")
+    write_status(
+        status_outcomes(outcomes, toc_notebooks()),
+        args.profile,
+        ROOT / "book" / "_generated" / "status.md",
+        wall_seconds=time.perf_counter() - start,
+    )
     failed = [o for o in outcomes if o.status == "failed"]
     for o in failed:
         print(f"[qlib.book] FAILED notebooks/{o.stem}.ipynb at {o.error}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _check(html: Path, screenshots: Path) -> int:
+    from qlib import bookcheck
+
+    checks = bookcheck.check_book(html, ROOT / "_toc.yml", screenshots)
+    for c in checks:
+        state = "ok" if not c.problems else "; ".join(c.problems)
+        print(f"[qlib.book check] {c.page}: {c.math} formulas, {c.images} images: {state}")
+    print(f"[qlib.book check] screenshots in {screenshots}")
+    return 1 if any(c.problems for c in checks) else 0
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@
 # for papers); without it the chapter falls back to a pgfplots file.
 set -euo pipefail
 PACKAGES=(dataset-fashion-mnist texlive-xetex iverilog yosys)
+# chromium, chromium-driver: the browser test reads the built book in headless Chromium.
+# make pdf: latexmk and the TeX Live parts of Jupyter Book's LaTeX build (xelatex, FreeSerif).
+PACKAGES+=(chromium chromium-driver latexmk texlive-latex-recommended texlive-latex-extra
+  texlive-fonts-recommended tex-gyre fonts-freefont-otf)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
