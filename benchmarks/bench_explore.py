@@ -8,8 +8,9 @@
    pymoo, the genome cache and the SQLite store add to the evaluations.
 2. Speed-up of evaluating the same genomes with a 2-worker Dask LocalCluster (one torch thread
    per worker) over serial evaluation with one torch thread and with all of them.
-3. NSGA-II against random search with the same number of evaluations: hypervolume (pymoo) of
-   the feasible points, reference point (-minimum accuracy, largest possible cost).
+3. NSGA-II against random search with the same number of evaluations: hypervolume of the
+   feasible points as the book defines it (``qlib.explore.run.hypervolume``: reference point the
+   accuracy floor and the all-upper-bits cost, costs normalised by the latter).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from qlib.explore.store import Store
 
 def _genomes(n: int, n_genes: int, lo: int, hi: int, seed: int = 0) -> list[tuple[int, ...]]:
     rng = np.random.default_rng(seed)
-    return list(dict.fromkeys(tuple(int(v) for v in rng.integers(lo, hi + 1, n_genes)) for _ in range(n)))
+    return list(
+        dict.fromkeys(tuple(int(v) for v in rng.integers(lo, hi + 1, n_genes)) for _ in range(n))
+    )
 
 
 def overhead(p: context.Prepared, repeats: int = 40) -> dict:
@@ -43,7 +46,9 @@ def overhead(p: context.Prepared, repeats: int = 40) -> dict:
     def float_forward() -> None:  # the same batches as the evaluator, without quantisers
         with torch.no_grad():
             for i in range(0, len(X), ev.batch_size):
-                (p.model(X[i : i + ev.batch_size]).argmax(1) == y[i : i + ev.batch_size]).sum().item()
+                (
+                    p.model(X[i : i + ev.batch_size]).argmax(1) == y[i : i + ev.batch_size]
+                ).sum().item()
 
     bare, forward, individual = [], [], []
     for g in genomes:  # interleaved, so load from other processes hits all alike
@@ -58,8 +63,13 @@ def overhead(p: context.Prepared, repeats: int = 40) -> dict:
     # Inside NSGA-II (serial): what pymoo, the genome cache and the SQLite store add to the
     # evaluations, both from the same run (evaluation times as recorded in the store).
     w = p.workload
-    ws = w.model_copy(update={"nsga2": w.nsga2.model_copy(
-        update={"population": 12, "offspring": 12, "generations": 4})})
+    ws = w.model_copy(
+        update={
+            "nsga2": w.nsga2.model_copy(
+                update={"population": 12, "offspring": 12, "generations": 4}
+            )
+        }
+    )
     ps = context.Prepared(ws, p.model, ev, p.min_accuracy, p.baseline)
     run.nsga2(ps)  # pymoo's algorithm modules take seconds to import: not part of the run
     with Store(":memory:", "bench") as store:
@@ -68,14 +78,22 @@ def overhead(p: context.Prepared, repeats: int = 40) -> dict:
         wall = time.perf_counter() - t
         evaluating = sum(r.seconds for r in store.records())
     search = wall / n
-    print(f"[overhead] {len(X)} images, medians of {repeats}: float forward {b * 1e3:.1f} ms, "
-          f"fake-quantised forward {f * 1e3:.1f} ms, evaluated individual {q * 1e3:.1f} ms "
-          f"(+{100 * (q / b - 1):.0f} % over the float forward); NSGA-II run of {n} individuals: "
-          f"{search * 1e3:.1f} ms each, {100 * (wall / evaluating - 1):+.1f} % over its evaluations")
-    return {"images": len(X), "bare_forward_ms": b * 1e3, "quantised_forward_ms": f * 1e3,
-            "individual_ms": q * 1e3, "overhead_percent": 100 * (q / b - 1),
-            "search_individual_ms": search * 1e3, "search_evaluations": n,
-            "harness_overhead_percent": 100 * (wall / evaluating - 1)}
+    print(
+        f"[overhead] {len(X)} images, medians of {repeats}: float forward {b * 1e3:.1f} ms, "
+        f"fake-quantised forward {f * 1e3:.1f} ms, evaluated individual {q * 1e3:.1f} ms "
+        f"(+{100 * (q / b - 1):.0f} % over the float forward); NSGA-II run of {n} individuals: "
+        f"{search * 1e3:.1f} ms each, {100 * (wall / evaluating - 1):+.1f} % over its evaluations"
+    )
+    return {
+        "images": len(X),
+        "bare_forward_ms": b * 1e3,
+        "quantised_forward_ms": f * 1e3,
+        "individual_ms": q * 1e3,
+        "overhead_percent": 100 * (q / b - 1),
+        "search_individual_ms": search * 1e3,
+        "search_evaluations": n,
+        "harness_overhead_percent": 100 * (wall / evaluating - 1),
+    }
 
 
 def dask_speedup(p: context.Prepared, n: int = 32) -> dict:
@@ -102,28 +120,26 @@ def dask_speedup(p: context.Prepared, n: int = 32) -> dict:
         evaluation(genomes)
         parallel = time.perf_counter() - t
     p.evaluator.threads = None
-    print(f"[dask] {len(genomes)} genomes: serial {serial[threads]:.2f} s with {threads} torch "
-          f"threads, {serial[1]:.2f} s with 1; 2 Dask workers (1 thread each) {parallel:.2f} s "
-          f"after warm-up -> speed-up {serial[1] / parallel:.2f}x over one thread, "
-          f"{serial[threads] / parallel:.2f}x over {threads}; cluster start {started:.1f} s")
-    return {"genomes": len(genomes), "serial_s": serial[threads], "serial_threads": threads,
-            "serial_1_thread_s": serial[1], "dask_2_workers_s": parallel,
-            "speedup": serial[threads] / parallel, "speedup_over_1_thread": serial[1] / parallel,
-            "cluster_start_s": started}
+    print(
+        f"[dask] {len(genomes)} genomes: serial {serial[threads]:.2f} s with {threads} torch "
+        f"threads, {serial[1]:.2f} s with 1; 2 Dask workers (1 thread each) {parallel:.2f} s "
+        f"after warm-up -> speed-up {serial[1] / parallel:.2f}x over one thread, "
+        f"{serial[threads] / parallel:.2f}x over {threads}; cluster start {started:.1f} s"
+    )
+    return {
+        "genomes": len(genomes),
+        "serial_s": serial[threads],
+        "serial_threads": threads,
+        "serial_1_thread_s": serial[1],
+        "dask_2_workers_s": parallel,
+        "speedup": serial[threads] / parallel,
+        "speedup_over_1_thread": serial[1] / parallel,
+        "cluster_start_s": started,
+    }
 
 
 def search_quality(p: context.Prepared, seeds=(1, 2, 3)) -> dict:
-    from pymoo.indicators.hv import HV
-
     w = p.workload
-    n_genes = 2 * len(p.evaluator.input_amax)
-    worst = context.bit_cost([w.bits.upper] * n_genes, w.bit_weighting)
-    hv = HV(ref_point=np.array([-p.min_accuracy, worst]))
-
-    def volume(F: np.ndarray) -> float:
-        F = F[F[:, 0] <= -p.min_accuracy]
-        return float(hv(F)) if len(F) else 0.0
-
     budget = w.nsga2.population + w.nsga2.offspring * (w.nsga2.generations - 1)
     res_n, res_r = [], []
     for seed in seeds:
@@ -131,13 +147,15 @@ def search_quality(p: context.Prepared, seeds=(1, 2, 3)) -> dict:
         ps = context.Prepared(ws, p.model, p.evaluator, p.min_accuracy, p.baseline)
         with Store(":memory:", "bench") as store:
             run.explore(ps, store)
-            res_n.append(volume(np.array([r.objectives for r in store.records()])))
+            res_n.append(run.hypervolume(np.array([r.objectives for r in store.records()]), ps))
             n_evals = len(store)
         with Store(":memory:", "bench") as store:
-            res_r.append(volume(run.random_search(ps, store, n_evals, seed=seed)))
-    print(f"[search] budget ~{budget} (NSGA-II evaluated {n_evals} distinct genomes, random the "
-          f"same number); hypervolume NSGA-II {np.mean(res_n):.3f} +- {np.std(res_n):.3f}, "
-          f"random {np.mean(res_r):.3f} +- {np.std(res_r):.3f} over seeds {list(seeds)}")
+            res_r.append(run.hypervolume(run.random_search(ps, store, n_evals, seed=seed), ps))
+    print(
+        f"[search] budget ~{budget} (NSGA-II evaluated {n_evals} distinct genomes, random the "
+        f"same number); hypervolume NSGA-II {np.mean(res_n):.3f} +- {np.std(res_n):.3f}, "
+        f"random {np.mean(res_r):.3f} +- {np.std(res_r):.3f} over seeds {list(seeds)}"
+    )
     return {"evaluations": n_evals, "seeds": list(seeds), "hv_nsga2": res_n, "hv_random": res_r}
 
 
@@ -150,12 +168,23 @@ def main() -> None:
     ap.add_argument("--out", help="write the results here as JSON")
     a = ap.parse_args()
     w = wl.load(a.workload)
-    w = w.model_copy(update={"nsga2": w.nsga2.model_copy(
-        update={"population": a.population, "offspring": a.population, "generations": a.generations})})
+    w = w.model_copy(
+        update={
+            "nsga2": w.nsga2.model_copy(
+                update={
+                    "population": a.population,
+                    "offspring": a.population,
+                    "generations": a.generations,
+                }
+            )
+        }
+    )
     p = context.prepare(w)
-    print(f"workload {w.name}: {len(p.evaluator.X)} exploration images, "
-          f"{len(p.evaluator.input_amax)} quantised layers, baseline {p.baseline}, "
-          f"minimum accuracy {p.min_accuracy:.4f}")
+    print(
+        f"workload {w.name}: {len(p.evaluator.X)} exploration images, "
+        f"{len(p.evaluator.input_amax)} quantised layers, baseline {p.baseline}, "
+        f"minimum accuracy {p.min_accuracy:.4f}"
+    )
     results = {
         "workload": w.name,
         "baseline": p.baseline,

@@ -91,14 +91,24 @@ def to_brevitas(model: nn.Sequential, bits: int, per_channel: bool) -> nn.Sequen
     for m in model:
         if isinstance(m, nn.Linear):
             q = qnn.QuantLinear(
-                m.in_features, m.out_features, bias=m.bias is not None,
-                weight_quant=wq, weight_bit_width=bits,
+                m.in_features,
+                m.out_features,
+                bias=m.bias is not None,
+                weight_quant=wq,
+                weight_bit_width=bits,
             )
         elif isinstance(m, nn.Conv2d):
             q = qnn.QuantConv2d(
-                m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
-                dilation=m.dilation, groups=m.groups, bias=m.bias is not None,
-                weight_quant=wq, weight_bit_width=bits,
+                m.in_channels,
+                m.out_channels,
+                m.kernel_size,
+                stride=m.stride,
+                padding=m.padding,
+                dilation=m.dilation,
+                groups=m.groups,
+                bias=m.bias is not None,
+                weight_quant=wq,
+                weight_bit_width=bits,
             )
         else:
             layers.append(copy.deepcopy(m))
@@ -170,14 +180,26 @@ def child_peak_memory(args: argparse.Namespace) -> None:
     print(json.dumps({"peak_rss_growth_mib": sampler.stop() - before}))
 
 
-def peak_memory(model: nn.Module, calib: torch.Tensor, form: str, args: argparse.Namespace) -> float:
+def peak_memory(
+    model: nn.Module, calib: torch.Tensor, form: str, args: argparse.Namespace
+) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         mp, cp = Path(tmp) / "model.pt", Path(tmp) / "calib.pt"
         torch.save(model, mp)
         torch.save(calib, cp)
         cmd = [
-            sys.executable, __file__, "--child-form", form, "--model-path", str(mp),
-            "--calib-path", str(cp), "--bits", str(args.bits), "--threads", str(args.threads),
+            sys.executable,
+            __file__,
+            "--child-form",
+            form,
+            "--model-path",
+            str(mp),
+            "--calib-path",
+            str(cp),
+            "--bits",
+            str(args.bits),
+            "--threads",
+            str(args.threads),
         ]
         # Large blocks go to mmap and back to the OS when freed: otherwise glibc keeps freed
         # heap and RSS would grow with the number of calibration batches, not live memory.
@@ -195,18 +217,25 @@ def bench_model(kind: str, train, calib, pool, test, args: argparse.Namespace) -
     models.train(model, train, epochs=args.epochs, lr=1e-3, batch_size=128, seed=0, progress=False)
     row: dict = {"model": kind, "train_s": time.perf_counter() - t}
     row["float_accuracy"] = models.evaluate(model, test)
-    grid = dict(scalar="max", levels="2^b-1", per_channel=args.per_channel, batch_size=args.batch_size)
+    grid = dict(
+        scalar="max", levels="2^b-1", per_channel=args.per_channel, batch_size=args.batch_size
+    )
     row["rtn_accuracy"] = ptq.rtn(model, args.bits, eval_data=test, **grid).accuracy
     for form in gpfq.METHODS:
         secs, res = best_time(
-            lambda form=form: gpfq.quantize(model, calib, args.bits, method=form, **grid), args.repeats
+            lambda form=form: gpfq.quantize(model, calib, args.bits, method=form, **grid),
+            args.repeats,
         )
         row[f"qlib_{form}_s"] = secs
         row[f"qlib_{form}_accuracy"] = models.evaluate(res.model, test)
         row[f"qlib_{form}_rel_errors"] = [r.rel_error for r in res.layers]
     secs, res = best_time(
         lambda: gpfq.quantize(
-            model, calib, args.bits, scalar="auto", per_channel=args.per_channel,
+            model,
+            calib,
+            args.bits,
+            scalar="auto",
+            per_channel=args.per_channel,
             batch_size=args.batch_size,
         ),
         args.repeats,
@@ -216,13 +245,17 @@ def bench_model(kind: str, train, calib, pool, test, args: argparse.Namespace) -
     if args.brevitas and brevitas_version() is not None:
         times = []
         for _ in range(args.repeats):
-            bm, secs, setup = brevitas_gpfq(model, calib, args.bits, args.per_channel, args.batch_size)
+            bm, secs, setup = brevitas_gpfq(
+                model, calib, args.bits, args.per_channel, args.batch_size
+            )
             times.append(secs)
         row["brevitas_s"] = min(times)
         row["brevitas_setup_s"] = setup
         row["brevitas_accuracy"] = models.evaluate(bm, test)
         row["time_ratio_qlib_over_brevitas"] = row["qlib_covariance_s"] / row["brevitas_s"]
-        row["accuracy_gap_points"] = 100 * (row["qlib_covariance_accuracy"] - row["brevitas_accuracy"])
+        row["accuracy_gap_points"] = 100 * (
+            row["qlib_covariance_accuracy"] - row["brevitas_accuracy"]
+        )
     if args.memory:
         row["peak_rss_growth_mib"] = {
             form: {n: peak_memory(model, pool[:n], form, args) for n in args.memory_calib}
@@ -241,7 +274,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timings are the best of this many")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
-        "--memory-calib", type=int, nargs="+", default=[1024, 4096],
+        "--memory-calib",
+        type=int,
+        nargs="+",
+        default=[1024, 4096],
         help="calibration sizes for the peak-memory runs (capped at the training split)",
     )
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
@@ -264,14 +300,22 @@ def main() -> None:
     args.memory_calib = sorted({min(n, len(pool)) for n in args.memory_calib})
     result = {
         "settings": {
-            "bits": args.bits, "calib": len(calib), "batch_size": args.batch_size,
-            "per_channel": args.per_channel, "grid": "max-abs, 2^b-1 levels", "repeats": args.repeats,
-            "threads": args.threads, "data": data.source("mnist"), "train_size": len(train[0]),
+            "bits": args.bits,
+            "calib": len(calib),
+            "batch_size": args.batch_size,
+            "per_channel": args.per_channel,
+            "grid": "max-abs, 2^b-1 levels",
+            "repeats": args.repeats,
+            "threads": args.threads,
+            "data": data.source("mnist"),
+            "train_size": len(train[0]),
             "test_size": len(test[0]),
         },
         "versions": {
-            "python": platform.python_version(), "torch": torch.__version__,
-            "brevitas": brevitas_version() or "not installed", "cpu": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "brevitas": brevitas_version() or "not installed",
+            "cpu": platform.processor() or platform.machine(),
         },
         "rows": [bench_model(kind, train, calib, pool, test, args) for kind in args.models],
     }

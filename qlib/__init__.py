@@ -1,16 +1,34 @@
 """qlib: the library behind the book on the robustness of neural networks to quantisation.
 
-Modules (each a few public functions):
+Modules and packages (each a few public functions; import the one you need, nothing is
+imported here):
 
 - ``qlib.data``: data sets read from files that packages install (no downloads).
-- ``qlib.models``: the MLPs and CNN of the book, training, evaluation, cached checkpoints.
-- ``qlib.quant``: uniform quantisers and the perturbation model of the certification chapter.
-- ``qlib.bounds``: sound bounds on the discrepancy between a float network and its quantised versions.
+- ``qlib.models``: the MLPs and CNN of the book, the one training loop, evaluation, checkpoints.
+- ``qlib.quant``: uniform quantisers and the perturbation model of the certification chapters.
+- ``qlib.bounds``: sound bounds on the discrepancy between a float network and its quantised
+  versions (values, per-layer rules, propagation, methods by name, measures).
 - ``qlib.attack``: concrete quantised networks that give lower bounds (soundness checks).
 - ``qlib.robust``: certified robust training.
-- ``qlib.ptq``, ``qlib.gpfq``, ``qlib.gptq``: post-training quantisation on one shared grid.
+- ``qlib.ptq``: post-training quantisation on one shared grid and layer loop (RTN, GPFQ, GPTQ);
+  ``qlib.gpfq`` and ``qlib.gptq`` are short names for its two solvers.
 - ``qlib.explore``: NSGA-II mixed-precision exploration (``python -m qlib.explore --help``).
 - ``qlib.zoo``: the book's named, cached models; ``qlib.book``: the notebook runner.
 """
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "attack",
+    "book",
+    "bounds",
+    "data",
+    "explore",
+    "gpfq",
+    "gptq",
+    "models",
+    "ptq",
+    "quant",
+    "robust",
+    "zoo",
+]

@@ -19,6 +19,19 @@ from qlib import bounds
 from qlib.bounds import RowDelta
 from qlib.quant import Perturbation, UniformQuantizer, symmetric_quantizer
 
+__all__ = [
+    "AttackedDiscrepancy",
+    "Deltas",
+    "Perturbed",
+    "RowDelta",
+    "attack_discrepancy",
+    "attack_logits",
+    "perturbed_forward",
+    "random_vertex",
+    "rtn_deltas",
+]
+
+
 Deltas = list[Tensor | RowDelta | None]
 
 

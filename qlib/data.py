@@ -29,6 +29,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
+__all__ = [
+    "CLASSES",
+    "DATASETS",
+    "SPLITS",
+    "available",
+    "load",
+    "read_idx",
+    "source",
+    "train_val_split",
+]
+
+
 log = logging.getLogger(__name__)
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "digits")
@@ -38,12 +50,28 @@ CLASSES = {
     "mnist": [str(i) for i in range(10)],
     "digits": [str(i) for i in range(10)],
     "fashion-mnist": [
-        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
     ],
     "cifar10": [
-        "airplane", "automobile", "bird", "cat", "deer",
-        "dog", "frog", "horse", "ship", "truck",
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
     ],
 }
 
@@ -279,7 +307,12 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise ValueError(f"CIFAR-10 batch {path}: expected a dict with keys b'data' and b'labels'")
     data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+    if (
+        data.dtype != np.uint8
+        or data.ndim != 2
+        or data.shape[1] != 3072
+        or len(labels) != len(data)
+    ):
         raise ValueError(
             f"CIFAR-10 batch {path}: expected uint8 data [N, 3072] and N labels, "
             f"got {data.dtype} {data.shape} and {labels.shape}"

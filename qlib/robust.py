@@ -19,6 +19,14 @@ from tqdm.auto import tqdm
 from qlib import bounds, models
 from qlib.quant import Perturbation
 
+__all__ = [
+    "RobustTrainLog",
+    "robust_loss",
+    "schedule",
+    "train",
+]
+
+
 Data = tuple[Tensor, Tensor]
 
 

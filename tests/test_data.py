@@ -75,8 +75,11 @@ def test_cifar10_reader_on_fixture_in_the_real_format(tmp_path):
     folder.mkdir()
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
-                 b"labels": rng.integers(0, 10, 4).tolist(), b"batch_label": name.encode()}
+        batch = {
+            b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+            b"labels": rng.integers(0, 10, 4).tolist(),
+            b"batch_label": name.encode(),
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
     X, y = data.load("cifar10", "train", data_dir=tmp_path)
@@ -85,7 +88,9 @@ def test_cifar10_reader_on_fixture_in_the_real_format(tmp_path):
     raw = pickle.load(open(folder / "test_batch", "rb"), encoding="bytes")
     Xte, _ = data.load("cifar10", "test", data_dir=tmp_path)
     # channel-major layout: the first 1024 bytes are the red plane
-    assert torch.allclose(Xte[0, 0].flatten() * 255, torch.tensor(raw[b"data"][0, :1024], dtype=torch.float32))
+    assert torch.allclose(
+        Xte[0, 0].flatten() * 255, torch.tensor(raw[b"data"][0, :1024], dtype=torch.float32)
+    )
 
 
 def test_cifar10_missing_directory_says_where_to_put_it(tmp_path, monkeypatch):

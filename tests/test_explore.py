@@ -141,6 +141,43 @@ def test_resume_after_interrupt_loses_nothing(prepared, tmp_path):
         assert {r.genome: r.accuracy for r in store.records()} == expected
 
 
+def test_pareto_front_until_a_generation_and_hypervolume(prepared, tmp_path):
+    with Store(":memory:", prepared.workload.digest()) as store:
+        run.explore(prepared, store, generations=3)
+        records = store.records()
+        for g in range(3):
+            front = run.pareto_front(store, until_generation=g)
+            assert front and all(r.generation <= g and r.constraint <= 0 for r in front)
+            seen = [r for r in records if r.generation <= g and r.constraint <= 0]
+            for r in front:  # nothing seen by then dominates a front member
+                assert not any(
+                    o.objectives[0] <= r.objectives[0]
+                    and o.objectives[1] <= r.objectives[1]
+                    and o.objectives != r.objectives
+                    for o in seen
+                )
+        assert run.pareto_front(store, until_generation=2) == run.pareto_front(store)
+        F = [r.objectives for r in records]
+    hv = [run.hypervolume(F[:k], prepared) for k in range(1, len(F) + 1)]
+    assert all(a <= b for a, b in zip(hv, hv[1:], strict=False))  # more points never shrink it
+    assert 0 < hv[-1] <= 1 - prepared.min_accuracy
+    one = [[-1.0, 0.0]]  # error-free at zero cost: the whole box
+    assert run.hypervolume(one, prepared) == pytest.approx(1 - prepared.min_accuracy)
+    infeasible = [[-(prepared.min_accuracy - 0.01), 0.0]]
+    assert run.hypervolume(infeasible, prepared) == 0.0
+
+
+def test_evaluator_traffic_is_what_the_cost_sums(prepared):
+    ev = dataclasses.replace(prepared.evaluator, problem="energy_aware_quant_problem")
+    genome = [8, 4] * len(ev.input_amax)
+    per_layer = ev.traffic(genome)
+    assert [t.name for t in ev.shapes] == list(ev.input_amax)
+    assert len(per_layer) == len(ev.shapes)
+    assert ev.cost(genome) == pytest.approx(sum(t.energy_pj for t in per_layer) / 1e6)
+    assert ev.dram_bytes(genome) == pytest.approx(sum(t.total_bits for t in per_layer) / 8)
+    assert ev.dram_bytes([16] * len(genome)) > ev.dram_bytes(genome)
+
+
 def test_results_of_another_workload_refused(workload, tmp_path):
     path = tmp_path / "r.sqlite"
     Store(path, workload.digest(), workload.name).close()
@@ -163,19 +200,25 @@ def test_weather_seeded_reproducible_and_distinct():
         assert 0 <= a.min() and a.max() <= 1
         assert torch.equal(a, weather.corrupt(X, c, 3, seed=0))
         outs[c] = a
-    assert not torch.equal(weather.corrupt(X, "rain", 3, seed=0), weather.corrupt(X, "rain", 3, seed=1))
+    assert not torch.equal(
+        weather.corrupt(X, "rain", 3, seed=0), weather.corrupt(X, "rain", 3, seed=1)
+    )
     conds = list(outs)
     for i, c in enumerate(conds):
         for d in conds[i + 1 :]:
             assert not torch.allclose(outs[c], outs[d]), (c, d)
-    assert (weather.corrupt(X, "brightness", 5) - X).mean() > (weather.corrupt(X, "brightness", 1) - X).mean()
+    assert (weather.corrupt(X, "brightness", 5) - X).mean() > (
+        weather.corrupt(X, "brightness", 1) - X
+    ).mean()
 
 
 @pytest.mark.parametrize("condition", weather.CONDITIONS)
 def test_weather_damage_grows_with_severity(condition):
     # Mean absolute change of 28 x 28 Fashion-MNIST images must rise from severity 1 to 5.
     X, _ = data.load("fashion-mnist", "test", limit=48)
-    change = [(weather.corrupt(X, condition, s) - X).abs().mean().item() for s in weather.SEVERITIES]
+    change = [
+        (weather.corrupt(X, condition, s) - X).abs().mean().item() for s in weather.SEVERITIES
+    ]
     assert all(a < b for a, b in zip(change, change[1:], strict=False)), change
 
 
@@ -223,8 +266,9 @@ def test_reevaluate_scores_the_best_records_on_the_reevaluation_data(prepared):
     genomes = [(8, 8, 8, 8, 8, 8), (3, 3, 3, 3, 3, 3), (2, 2, 2, 2, 2, 2)]
     with _store_with(prepared, genomes) as store:
         best = finetune.best(store, 2)
-        assert [r.accuracy for r in best] == sorted((r.accuracy for r in store.records()),
-                                                    reverse=True)[:2]
+        assert [r.accuracy for r in best] == sorted(
+            (r.accuracy for r in store.records()), reverse=True
+        )[:2]
         out = finetune.reevaluate(prepared, store, 2)
     # No reevaluation set in the tiny workload: the exploration data, so the same accuracies.
     assert [o.genome for o in out] == [r.genome for r in best]

@@ -78,3 +78,26 @@ def test_digest_ignores_search_settings():
     b = a.model_copy(update={"nsga2": a.nsga2.model_copy(update={"generations": 9})})
     c = a.model_copy(update={"bit_weighting": "published"})
     assert a.digest() == b.digest() != c.digest()
+
+
+def test_override_replaces_nested_keys_and_validates_again():
+    w = wl.load(TINY)
+    o = wl.override(w, {"nsga2": {"population": 8}, "datasets": {"exploration": {"limit": 50}}})
+    assert o.nsga2.population == 8 and o.datasets.exploration.limit == 50
+    assert o.nsga2.generations == w.nsga2.generations  # untouched siblings stay
+    assert o.datasets.exploration.dataset == w.datasets.exploration.dataset
+    with pytest.raises(wl.WorkloadError, match=r"\(overridden\):\n  nsga2.population"):
+        wl.override(w, {"nsga2": {"population": 1}})
+
+
+def test_results_file_follows_digest_and_search_settings(tmp_path, monkeypatch):
+    from qlib.explore.store import default_dir, results_file
+
+    monkeypatch.setenv("QLIB_CACHE", str(tmp_path))
+    w = wl.load(TINY)
+    path = results_file(w)
+    assert path.parent == default_dir() == tmp_path / "explore"
+    assert path.name.startswith(f"{w.name}-{w.digest()}-") and path.suffix == ".sqlite"
+    assert results_file(w, "-random") != path
+    assert results_file(wl.override(w, {"nsga2": {"population": 8}})) != path  # search differs
+    assert results_file(w, folder=tmp_path / "x").parent == tmp_path / "x"

@@ -191,7 +191,9 @@ def test_bad_input(mlp, digits):
 
 
 def test_unsupported_layers_warn_or_raise(caplog):
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 5))
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 5)
+    )
     calib = torch.rand(16, 2, 5, 5)
     with caplog.at_level(logging.WARNING, logger="qlib.ptq"):
         res = gpfq.quantize(model, calib, 4)

@@ -61,7 +61,10 @@ def test_dead_columns_are_rounded_to_nearest():
     calib.view(32, -1)[:, 3:6] = 0
     res = gptq.quantize(model, calib, 4, scalar=1.0)
     w = model[1].weight.detach()
-    assert torch.equal(res.layers[0].codes[:, 3:6].float(), make_quantizer(4, res.layers[0].scale).to_int(w[:, 3:6]))
+    assert torch.equal(
+        res.layers[0].codes[:, 3:6].float(),
+        make_quantizer(4, res.layers[0].scale).to_int(w[:, 3:6]),
+    )
 
 
 def test_bad_input(setup):

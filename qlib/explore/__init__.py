@@ -6,6 +6,6 @@ cache), ``context`` (model, data, evaluator), ``problems`` (pymoo), ``run`` (NSG
 ``finetune`` (re-evaluation and retraining). CLI: ``python -m qlib.explore --help``.
 """
 
-from qlib.explore.workload import Workload, WorkloadError, load, parse
+from qlib.explore.workload import Workload, WorkloadError, load, override, parse
 
-__all__ = ["Workload", "WorkloadError", "load", "parse"]
+__all__ = ["Workload", "WorkloadError", "load", "override", "parse"]

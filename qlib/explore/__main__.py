@@ -10,6 +10,11 @@ from pathlib import Path
 
 from qlib.explore import workload as wl
 
+__all__ = [
+    "main",
+    "parser",
+]
+
 
 def _results_path(w: wl.Workload, given: str | None) -> Path:
     return Path(given) if given else Path("results") / f"{w.name}.sqlite"
@@ -22,21 +27,35 @@ def cmd_run(a: argparse.Namespace) -> int:
     w = wl.load(a.workload)
     if a.serial:
         w = w.model_copy(update={"parallel": w.parallel.model_copy(update={"mode": "serial"})})
-    prepared = context.prepare(w, skip_baseline=a.skip_baseline, progress=a.progress,
-                               threads=1 if w.parallel.mode != "serial" else None)
+    prepared = context.prepare(
+        w,
+        skip_baseline=a.skip_baseline,
+        progress=a.progress,
+        threads=1 if w.parallel.mode != "serial" else None,
+    )
     path = _results_path(w, a.results)
     with Store(path, w.digest(), w.name) as store, run.dask_client(w.parallel) as client:
         before = len(store)
         try:
-            ex = run.explore(prepared, store, client=client, progress=a.progress, verbose=a.verbose,
-                             generations=a.generations)
+            ex = run.explore(
+                prepared,
+                store,
+                client=client,
+                progress=a.progress,
+                verbose=a.verbose,
+                generations=a.generations,
+            )
         except KeyboardInterrupt:
-            print(f"interrupted: {len(store)} evaluations kept in {path}; rerun to resume",
-                  file=sys.stderr)
+            print(
+                f"interrupted: {len(store)} evaluations kept in {path}; rerun to resume",
+                file=sys.stderr,
+            )
             return 130
         print(f"{ex.evaluated} new evaluations ({before} reused) in {ex.seconds:.1f} s -> {path}")
-        print(f"minimum accuracy {ex.min_accuracy:.4f}" +
-              (f", baseline {ex.baseline:.4f}" if ex.baseline is not None else ""))
+        print(
+            f"minimum accuracy {ex.min_accuracy:.4f}"
+            + (f", baseline {ex.baseline:.4f}" if ex.baseline is not None else "")
+        )
         for r in run.pareto_front(store):
             print(f"  accuracy {r.accuracy:.4f}  cost {r.objectives[1]:.4g}  bits {list(r.genome)}")
     return 0
@@ -65,8 +84,11 @@ def _post(a: argparse.Namespace, retrain: bool) -> int:
     # The stored constraint values decide feasibility; the baseline is not needed if avoidable.
     prepared = context.prepare(w, skip_baseline=w.constraint.minimum_accuracy is not None)
     with Store(a.results, w.digest(), w.name) as store:
-        rows = (finetune.retrain(prepared, store, a.n, progress=a.progress) if retrain
-                else finetune.reevaluate(prepared, store, a.n))
+        rows = (
+            finetune.retrain(prepared, store, a.n, progress=a.progress)
+            if retrain
+            else finetune.reevaluate(prepared, store, a.n)
+        )
     import pandas as pd
 
     df = pd.DataFrame([r.__dict__ for r in rows])
@@ -85,11 +107,14 @@ def cmd_energy(a: argparse.Namespace) -> int:
     shapes = traffic.layer_shapes(model, X.shape[1:], w.layers == "conv")
     genome = a.bits or [16] * (2 * len(shapes))
     models_ = ("linear", "zigzag") if a.model == "both" else (a.model,)
-    df = traffic.traffic_table(shapes, genome, models_=models_, accelerator=w.energy.accelerator,
-                               mapping=w.energy.mapping)
+    df = traffic.traffic_table(
+        shapes, genome, models_=models_, accelerator=w.energy.accelerator, mapping=w.energy.mapping
+    )
     print(df.to_string(index=False))
     for m, part in df.groupby("model"):
-        print(f"{m}: {part.dram_MB.sum():.4f} MB, {part.dram_energy_pJ.sum() / 1e6:.3f} uJ per inference")
+        print(
+            f"{m}: {part.dram_MB.sum():.4f} MB, {part.dram_energy_pJ.sum() / 1e6:.3f} uJ per inference"
+        )
     return 0
 
 
@@ -99,8 +124,11 @@ def parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run the NSGA-II exploration (resumes from the results file)")
     r.add_argument("workload")
-    r.add_argument("--skip-baseline", action="store_true",
-                   help="use constraint.minimum_accuracy instead of baseline - allowed_drop")
+    r.add_argument(
+        "--skip-baseline",
+        action="store_true",
+        help="use constraint.minimum_accuracy instead of baseline - allowed_drop",
+    )
     r.add_argument("--results", help="SQLite results file (default results/NAME.sqlite)")
     r.add_argument("--serial", action="store_true", help="evaluate in this process, no Dask")
     r.add_argument("--generations", type=int, help="override nsga2.generations (e.g. to extend)")
@@ -114,8 +142,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--progress", action="store_true")
     c.set_defaults(func=cmd_calibrate)
 
-    for name, retrain, text in (("retrain", True, "fine-tune (QAT, straight-through) the N best"),
-                                ("reevaluate", False, "re-evaluate the N best on more data")):
+    for name, retrain, text in (
+        ("retrain", True, "fine-tune (QAT, straight-through) the N best"),
+        ("reevaluate", False, "re-evaluate the N best on more data"),
+    ):
         s = sub.add_parser(name, help=text)
         s.add_argument("workload")
         s.add_argument("results", help="SQLite results file of a run of this workload")

@@ -20,6 +20,17 @@ from qlib import data, models, zoo
 from qlib.explore import fakequant, traffic, weather
 from qlib.explore.workload import DatasetSpec, Workload
 
+__all__ = [
+    "Evaluator",
+    "Prepared",
+    "bit_cost",
+    "calibrate",
+    "load_data",
+    "load_model",
+    "prepare",
+]
+
+
 log = logging.getLogger(__name__)
 
 Data = tuple[Tensor, Tensor]
@@ -29,8 +40,9 @@ def load_model(w: Workload, progress: bool = False) -> nn.Sequential:
     """The workload's float model: the registry's trained model, or its checkpoint file."""
     if w.model.checkpoint is not None:
         return models.load(w.model.checkpoint, zoo.recipe(w.model.name).arch)
-    return zoo.get(w.model.name, epochs=w.model.epochs, train_limit=w.model.train_limit,
-                   progress=progress)
+    return zoo.get(
+        w.model.name, epochs=w.model.epochs, train_limit=w.model.train_limit, progress=progress
+    )
 
 
 def load_data(spec: DatasetSpec, limit: int | None = None) -> Data:
@@ -40,7 +52,9 @@ def load_data(spec: DatasetSpec, limit: int | None = None) -> Data:
     X, y = data.load(spec.dataset, spec.split, limit=end)
     X, y = X[spec.offset :], y[spec.offset :]
     if spec.weather is not None:
-        X = weather.corrupt(X, spec.weather.condition, spec.weather.severity, seed=spec.weather.seed)
+        X = weather.corrupt(
+            X, spec.weather.condition, spec.weather.severity, seed=spec.weather.seed
+        )
     return X, y
 
 
@@ -91,14 +105,38 @@ class Evaluator:
             self._shapes = traffic.layer_shapes(model, self.X.shape[1:], self.conv_only)
         return self._net
 
+    @property
+    def shapes(self) -> list[traffic.LayerShape]:
+        """The quantised layers' shapes, in genome order (built with the network)."""
+        self.net  # noqa: B018 - builds the layer shapes
+        return self._shapes
+
+    def traffic(
+        self, genome: Sequence[int], model: str | None = None
+    ) -> list[traffic.LayerTraffic]:
+        """Per-layer DRAM traffic of one inference, in this evaluator's traffic model or ``model``
+        (``"linear"`` or ``"zigzag"``) on its accelerator."""
+        return traffic.network_traffic(
+            self.shapes,
+            genome,
+            model=model or self.energy_model,
+            accelerator=self.accelerator,
+            mapping=self.mapping,
+        )
+
+    def dram_bytes(self, genome: Sequence[int], model: str | None = None) -> float:
+        """Total DRAM traffic of one inference, in bytes."""
+        return sum(t.total_bits for t in self.traffic(genome, model)) / 8
+
+    def energy_uj(self, genome: Sequence[int], model: str | None = None) -> float:
+        """DRAM energy of one inference, in uJ."""
+        return sum(t.energy_pj for t in self.traffic(genome, model)) / 1e6
+
     def cost(self, genome: Sequence[int]) -> float:
         """Second objective: weighted bits, or DRAM energy (uJ) of one inference."""
         if self.problem == "quantization_problem":
             return bit_cost(genome, self.weighting)
-        self.net  # noqa: B018 - builds the layer shapes
-        per_layer = traffic.network_traffic(self._shapes, genome, model=self.energy_model,
-                                            accelerator=self.accelerator, mapping=self.mapping)
-        return sum(t.energy_pj for t in per_layer) / 1e6
+        return self.energy_uj(genome)
 
     def accuracy(self, genome: Sequence[int]) -> float:
         net = self.net
@@ -106,8 +144,14 @@ class Evaluator:
         correct = 0
         with torch.no_grad(), net.frozen_weights():
             for i in range(0, len(self.X), self.batch_size):
-                correct += (net.model(self.X[i : i + self.batch_size]).argmax(1)
-                            == self.y[i : i + self.batch_size]).sum().item()
+                correct += (
+                    (
+                        net.model(self.X[i : i + self.batch_size]).argmax(1)
+                        == self.y[i : i + self.batch_size]
+                    )
+                    .sum()
+                    .item()
+                )
         return correct / len(self.X)
 
     def __call__(self, genome: Sequence[int]) -> tuple[float, float, float]:
@@ -131,12 +175,19 @@ class Prepared:
 def calibrate(w: Workload, model: nn.Module) -> fakequant.QuantNet:
     """Calibrate input ranges of ``model`` on the workload's calibration data."""
     Xc, _ = load_data(w.datasets.calibration, limit=w.calibration.samples)
-    return fakequant.quantize(model, Xc, conv_only=w.layers == "conv", method=w.calibration.method,
-                              percentile=w.calibration.percentile, batch_size=w.batch_size)
+    return fakequant.quantize(
+        model,
+        Xc,
+        conv_only=w.layers == "conv",
+        method=w.calibration.method,
+        percentile=w.calibration.percentile,
+        batch_size=w.batch_size,
+    )
 
 
-def prepare(w: Workload, *, skip_baseline: bool = False, progress: bool = False,
-            threads: int | None = None) -> Prepared:
+def prepare(
+    w: Workload, *, skip_baseline: bool = False, progress: bool = False, threads: int | None = None
+) -> Prepared:
     """Load, calibrate and measure the baseline; the accuracy floor follows the constraint."""
     model = load_model(w, progress)
     qnet = calibrate(w, model)
@@ -151,9 +202,18 @@ def prepare(w: Workload, *, skip_baseline: bool = False, progress: bool = False,
         min_acc = baseline - w.constraint.allowed_drop
         log.info("baseline accuracy %.4f, minimum accuracy %.4f", baseline, min_acc)
     ev = Evaluator(
-        arch=model.arch, state_dict={k: v.clone() for k, v in model.state_dict().items()},
-        input_amax=qnet.input_amax(), conv_only=w.layers == "conv", X=X, y=y, problem=w.problem,
-        weighting=w.bit_weighting, energy_model=w.energy.model, accelerator=w.energy.accelerator,
-        mapping=w.energy.mapping, batch_size=w.batch_size, threads=threads,
+        arch=model.arch,
+        state_dict={k: v.clone() for k, v in model.state_dict().items()},
+        input_amax=qnet.input_amax(),
+        conv_only=w.layers == "conv",
+        X=X,
+        y=y,
+        problem=w.problem,
+        weighting=w.bit_weighting,
+        energy_model=w.energy.model,
+        accelerator=w.energy.accelerator,
+        mapping=w.energy.mapping,
+        batch_size=w.batch_size,
+        threads=threads,
     )
     return Prepared(w, model, ev, min_acc, baseline)

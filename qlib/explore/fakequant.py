@@ -26,6 +26,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+__all__ = [
+    "BACKEND",
+    "CALIBRATION_METHODS",
+    "QuantNet",
+    "quantizable_layers",
+    "quantize",
+    "restore",
+]
+
+
 CALIBRATION_METHODS = ("max", "percentile")
 BACKEND = "qlib-inplace"
 
@@ -34,8 +44,15 @@ class _FakeQuant(torch.autograd.Function):
     """Symmetric uniform fake quantisation with ModelOpt's rounding, clamping and gradient."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, amax: Tensor, num_bits: int, unsigned: bool, narrow: bool,
-                pass_through: bool) -> Tensor:
+    def forward(
+        ctx,
+        x: Tensor,
+        amax: Tensor,
+        num_bits: int,
+        unsigned: bool,
+        narrow: bool,
+        pass_through: bool,
+    ) -> Tensor:
         if unsigned and x.min() < 0:
             raise TypeError("negative values in unsigned quantisation")
         max_bound = 2.0 ** (num_bits - 1 + int(unsigned)) - 1.0
@@ -70,8 +87,14 @@ def _fake_quant(x: Tensor, quantizer) -> Tensor:
         amax = x.detach().abs().amax()
     # ModelOpt keeps the gradient rule in a private field without a public property.
     pass_through = bool(getattr(quantizer, "_pass_through_bwd", True))
-    return _FakeQuant.apply(x, amax.to(x.device), int(quantizer.num_bits), quantizer.unsigned,
-                            quantizer.narrow_range, pass_through)
+    return _FakeQuant.apply(
+        x,
+        amax.to(x.device),
+        int(quantizer.num_bits),
+        quantizer.unsigned,
+        quantizer.narrow_range,
+        pass_through,
+    )
 
 
 def _mtq():
@@ -90,8 +113,14 @@ def _mtq():
 def _config(conv_only: bool) -> dict:
     entries = [
         {"quantizer_name": "*", "enable": False},
-        {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": 8, "axis": None, "backend": BACKEND}},
-        {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": 8, "axis": None, "backend": BACKEND}},
+        {
+            "quantizer_name": "*weight_quantizer",
+            "cfg": {"num_bits": 8, "axis": None, "backend": BACKEND},
+        },
+        {
+            "quantizer_name": "*input_quantizer",
+            "cfg": {"num_bits": 8, "axis": None, "backend": BACKEND},
+        },
     ]
     if conv_only:  # the paper quantises only convolutions; Linear layers stay float
         entries.append({"quantizer_name": "*", "parent_class": "nn.Linear", "enable": False})

@@ -13,8 +13,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qlib import models
 from qlib.explore.context import Prepared, calibrate, load_data
 from qlib.explore.store import Record, Store
+
+__all__ = [
+    "Reevaluated",
+    "best",
+    "reevaluate",
+    "retrain",
+]
 
 
 @dataclass(frozen=True)
@@ -33,14 +41,6 @@ def best(store: Store, n: int) -> list[Record]:
     return sorted(recs, key=lambda r: (-r.accuracy, r.objectives[1]))[:n]
 
 
-def _accuracy(model: nn.Module, X, y, batch_size: int) -> float:
-    model.eval()
-    with torch.no_grad():
-        hits = sum((model(X[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum().item()
-                   for i in range(0, len(X), batch_size))
-    return hits / len(X)
-
-
 def reevaluate(prepared: Prepared, store: Store, n: int) -> list[Reevaluated]:
     """Accuracy of the ``n`` best individuals on ``datasets.reevaluation`` (or the exploration data)."""
     w = prepared.workload
@@ -49,12 +49,14 @@ def reevaluate(prepared: Prepared, store: Store, n: int) -> list[Reevaluated]:
     out = []
     for r in best(store, n):
         net.set_bits(r.genome)
-        out.append(Reevaluated(r.genome, r.accuracy, _accuracy(net.model, X, y, w.batch_size),
-                               r.objectives[1]))
+        accuracy = models.evaluate(net.model, (X, y), w.batch_size)
+        out.append(Reevaluated(r.genome, r.accuracy, accuracy, r.objectives[1]))
     return out
 
 
-def retrain(prepared: Prepared, store: Store, n: int, *, progress: bool = False) -> list[Reevaluated]:
+def retrain(
+    prepared: Prepared, store: Store, n: int, *, progress: bool = False
+) -> list[Reevaluated]:
     """Fine-tune a fresh quantised copy for each of the ``n`` best individuals; re-evaluate it."""
     w = prepared.workload
     spec = w.datasets.train
@@ -66,17 +68,17 @@ def retrain(prepared: Prepared, store: Store, n: int, *, progress: bool = False)
     for r in best(store, n):
         qnet = calibrate(w, prepared.model)
         qnet.set_bits(r.genome)
-        opt = torch.optim.SGD(qnet.model.parameters(), lr=w.retraining.lr, momentum=0.9)
+        net = qnet.model
+        opt = torch.optim.SGD(net.parameters(), lr=w.retraining.lr, momentum=0.9)
         gen = torch.Generator().manual_seed(0)
-        for _ in tqdm(range(w.retraining.epochs), desc="retrain", disable=not progress, leave=False):
-            qnet.model.train()
-            order = torch.randperm(len(Xt), generator=gen)
-            for i in range(0, len(Xt), w.retraining.batch_size):
-                idx = order[i : i + w.retraining.batch_size]
-                loss = nn.functional.cross_entropy(qnet.model(Xt[idx]), yt[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        out.append(Reevaluated(r.genome, r.accuracy, _accuracy(qnet.model, Xe, ye, w.batch_size),
-                               r.objectives[1]))
+
+        def loss_fn(xb: torch.Tensor, yb: torch.Tensor, net: nn.Module = net) -> torch.Tensor:
+            return nn.functional.cross_entropy(net(xb), yb)
+
+        for _ in tqdm(
+            range(w.retraining.epochs), desc="retrain", disable=not progress, leave=False
+        ):
+            models.train_epoch(net, (Xt, yt), opt, gen, w.retraining.batch_size, loss_fn)
+        accuracy = models.evaluate(net, (Xe, ye), w.batch_size)
+        out.append(Reevaluated(r.genome, r.accuracy, accuracy, r.objectives[1]))
     return out

@@ -13,15 +13,31 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from pymoo.core.problem import Problem
 
+__all__ = [
+    "BitWidthProblem",
+    "COST_NAMES",
+]
+
+
 BatchEvaluator = Callable[[Sequence[tuple[int, ...]]], list[tuple[float, float]]]
-COST_NAMES = {"quantization_problem": "weighted bits", "energy_aware_quant_problem": "DRAM energy (uJ)"}
+COST_NAMES = {
+    "quantization_problem": "weighted bits",
+    "energy_aware_quant_problem": "DRAM energy (uJ)",
+}
 
 
 class BitWidthProblem(Problem):
     """Integer genome ``[in_0, w_0, in_1, w_1, ...]`` in ``[lower, upper]``; two objectives."""
 
-    def __init__(self, kind: str, n_layers: int, lower: int, upper: int, min_accuracy: float,
-                 evaluate_batch: BatchEvaluator) -> None:
+    def __init__(
+        self,
+        kind: str,
+        n_layers: int,
+        lower: int,
+        upper: int,
+        min_accuracy: float,
+        evaluate_batch: BatchEvaluator,
+    ) -> None:
         if kind not in COST_NAMES:
             raise ValueError(f"unknown problem {kind!r}; expected one of {tuple(COST_NAMES)}")
         if not 2 <= lower <= upper <= 16:

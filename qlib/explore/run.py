@@ -23,6 +23,19 @@ from qlib.explore.problems import BitWidthProblem
 from qlib.explore.store import Record, Store
 from qlib.explore.workload import ParallelSpec
 
+__all__ = [
+    "CachedEvaluation",
+    "Exploration",
+    "dask_client",
+    "explore",
+    "hypervolume",
+    "make_problem",
+    "nsga2",
+    "pareto_front",
+    "random_search",
+]
+
+
 log = logging.getLogger(__name__)
 Genome = tuple[int, ...]
 
@@ -30,8 +43,15 @@ Genome = tuple[int, ...]
 class CachedEvaluation:
     """``genomes -> [(accuracy, cost)]`` through the store, evaluating only unseen genomes."""
 
-    def __init__(self, evaluator: Evaluator, store: Store, min_accuracy: float, *,
-                 client=None, progress: bool = False) -> None:
+    def __init__(
+        self,
+        evaluator: Evaluator,
+        store: Store,
+        min_accuracy: float,
+        *,
+        client=None,
+        progress: bool = False,
+    ) -> None:
         self.evaluator, self.store, self.min_accuracy = evaluator, store, min_accuracy
         self.client, self.progress = client, progress
         self.generation = 0
@@ -40,11 +60,17 @@ class CachedEvaluation:
 
     def __call__(self, genomes: Sequence[Genome]) -> list[tuple[float, float]]:
         todo = list(dict.fromkeys(g for g in genomes if self.store.get(g) is None))
-        bar = tqdm(total=len(todo), desc=f"generation {self.generation}", disable=not self.progress,
-                   leave=False)
+        bar = tqdm(
+            total=len(todo),
+            desc=f"generation {self.generation}",
+            disable=not self.progress,
+            leave=False,
+        )
         with bar:
             for genome, (acc, cost, secs) in self._run(todo):
-                rec = Record(self.generation, genome, (-acc, cost), acc, self.min_accuracy - acc, secs)
+                rec = Record(
+                    self.generation, genome, (-acc, cost), acc, self.min_accuracy - acc, secs
+                )
                 self.store.add(rec)  # committed now: an interruption keeps it
                 self.evaluated += 1
                 bar.update()
@@ -64,8 +90,9 @@ class CachedEvaluation:
             self._remote = self.client.scatter(self.evaluator, broadcast=True)
             # Each worker imports ModelOpt and builds its network now, not during its first genome.
             workers = list(self.client.scheduler_info()["workers"])
-            self.client.gather([self.client.submit(_build, self._remote, workers=[w], pure=False)
-                                for w in workers])
+            self.client.gather(
+                [self.client.submit(_build, self._remote, workers=[w], pure=False) for w in workers]
+            )
         futures = {self.client.submit(_call, self._remote, g, pure=False): g for g in todo}
         try:
             for fut in as_completed(futures):
@@ -84,13 +111,19 @@ def _build(evaluator: Evaluator) -> None:
 
 
 @contextlib.contextmanager
-def dask_client(spec: ParallelSpec, threads_per_worker: int = 1):
-    """A Dask client for ``spec``: None (serial), a LocalCluster, or a remote scheduler."""
+def dask_client(spec: ParallelSpec, threads_per_worker: int = 1, *, quiet: bool = False):
+    """A Dask client for ``spec``: None (serial), a LocalCluster, or a remote scheduler.
+
+    ``quiet`` keeps Dask's informational and shutdown warnings out of a notebook's output.
+    """
     if spec.mode == "serial":
         yield None
         return
     import dask
     from distributed import Client, LocalCluster
+
+    if quiet:  # after the import, which sets the loggers' levels itself
+        logging.getLogger("distributed").setLevel(logging.ERROR)
 
     if spec.mode == "address":
         with Client(spec.address) as client:
@@ -99,18 +132,25 @@ def dask_client(spec: ParallelSpec, threads_per_worker: int = 1):
     # Dask's nannies set MALLOC_TRIM_THRESHOLD_=65536, so every large tensor is returned to the
     # OS and faulted in again: torch forward passes ran 3-4x slower in workers. Unset it.
     no_trim = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
-    with dask.config.set(no_trim), LocalCluster(
-        n_workers=spec.workers, threads_per_worker=threads_per_worker, processes=True,
-        dashboard_address=None,
-    ) as cluster, Client(cluster) as client:
+    with (
+        dask.config.set(no_trim),
+        LocalCluster(
+            n_workers=spec.workers,
+            threads_per_worker=threads_per_worker,
+            processes=True,
+            dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         yield client
 
 
 def make_problem(prepared: Prepared, evaluation: CachedEvaluation) -> BitWidthProblem:
     w = prepared.workload
     n_layers = len(prepared.evaluator.input_amax)
-    return BitWidthProblem(w.problem, n_layers, w.bits.lower, w.bits.upper,
-                           prepared.min_accuracy, evaluation)
+    return BitWidthProblem(
+        w.problem, n_layers, w.bits.lower, w.bits.upper, prepared.min_accuracy, evaluation
+    )
 
 
 def nsga2(prepared: Prepared):
@@ -127,7 +167,9 @@ def nsga2(prepared: Prepared):
         n_offsprings=s.offspring,
         sampling=IntegerRandomSampling(),
         # Integers through float operators plus rounding (pymoo's documented recipe).
-        crossover=SBX(prob=s.crossover_prob, eta=s.crossover_eta, vtype=float, repair=RoundingRepair()),
+        crossover=SBX(
+            prob=s.crossover_prob, eta=s.crossover_eta, vtype=float, repair=RoundingRepair()
+        ),
         mutation=PM(prob=s.mutation_prob, eta=s.mutation_eta, vtype=float, repair=RoundingRepair()),
         eliminate_duplicates=True,
     )
@@ -145,26 +187,45 @@ class Exploration:
     baseline: float | None
 
 
-def explore(prepared: Prepared, store: Store, *, client=None, progress: bool = False,
-            verbose: bool = False, generations: int | None = None) -> Exploration:
+def explore(
+    prepared: Prepared,
+    store: Store,
+    *,
+    client=None,
+    progress: bool = False,
+    verbose: bool = False,
+    generations: int | None = None,
+) -> Exploration:
     """Run NSGA-II; finished evaluations are in ``store`` even if this raises (Ctrl-C)."""
     from pymoo.optimize import minimize
 
     w = prepared.workload
     store.set_meta("min_accuracy", prepared.min_accuracy)
     store.set_meta("baseline", prepared.baseline)
-    evaluation = CachedEvaluation(prepared.evaluator, store, prepared.min_accuracy,
-                                  client=client, progress=progress)
+    evaluation = CachedEvaluation(
+        prepared.evaluator, store, prepared.min_accuracy, client=client, progress=progress
+    )
     t0 = time.perf_counter()
-    res = minimize(make_problem(prepared, evaluation), nsga2(prepared),
-                   ("n_gen", generations or w.nsga2.generations), seed=w.nsga2.seed,
-                   verbose=verbose)
-    return Exploration(res, store, evaluation.evaluated, time.perf_counter() - t0,
-                       prepared.min_accuracy, prepared.baseline)
+    res = minimize(
+        make_problem(prepared, evaluation),
+        nsga2(prepared),
+        ("n_gen", generations or w.nsga2.generations),
+        seed=w.nsga2.seed,
+        verbose=verbose,
+    )
+    return Exploration(
+        res,
+        store,
+        evaluation.evaluated,
+        time.perf_counter() - t0,
+        prepared.min_accuracy,
+        prepared.baseline,
+    )
 
 
-def random_search(prepared: Prepared, store: Store, n: int, *, seed: int = 0,
-                  client=None) -> np.ndarray:
+def random_search(
+    prepared: Prepared, store: Store, n: int, *, seed: int = 0, client=None
+) -> np.ndarray:
     """``n`` distinct uniformly random genomes, evaluated through the store; returns F ``[n, 2]``."""
     w = prepared.workload
     rng = np.random.default_rng(seed)
@@ -180,13 +241,39 @@ def random_search(prepared: Prepared, store: Store, n: int, *, seed: int = 0,
     return np.array([[-a, c] for a, c in results])
 
 
-def pareto_front(store: Store, feasible_only: bool = True) -> list[Record]:
-    """Non-dominated stored records (minimising both objectives), sorted by accuracy."""
+def pareto_front(
+    store: Store, feasible_only: bool = True, *, until_generation: int | None = None
+) -> list[Record]:
+    """Non-dominated stored records (minimising both objectives), sorted by accuracy;
+    ``until_generation``: only the records of that generation and earlier (the front then)."""
     from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
-    recs = [r for r in store.records() if r.constraint <= 0 or not feasible_only]
+    recs = [
+        r
+        for r in store.records()
+        if (r.constraint <= 0 or not feasible_only)
+        and (until_generation is None or r.generation <= until_generation)
+    ]
     if not recs:
         return []
     F = np.array([r.objectives for r in recs])
     front = NonDominatedSorting().do(F, only_non_dominated_front=True)
     return sorted((recs[i] for i in front), key=lambda r: -r.accuracy)
+
+
+def hypervolume(F: np.ndarray, prepared: Prepared) -> float:
+    """Hypervolume (pymoo) of the feasible points of ``F`` ``[n, 2]`` = ``(-accuracy, cost)``.
+
+    The one definition the book and the benchmarks share: the reference point is the accuracy
+    floor and the cost of the all-``bits.upper`` genome, and costs are divided by that cost, so
+    the value lies in ``[0, 1 - floor]`` and does not depend on the cost's unit.
+    """
+    from pymoo.indicators.hv import HV
+
+    w = prepared.workload
+    worst = prepared.evaluator.cost([w.bits.upper] * 2 * len(prepared.evaluator.input_amax))
+    F = np.asarray(F, float).reshape(-1, 2)
+    F = F[-F[:, 0] >= prepared.min_accuracy]
+    if not len(F):
+        return 0.0
+    return float(HV(ref_point=np.array([-prepared.min_accuracy, 1.0]))(F / [1.0, worst]))

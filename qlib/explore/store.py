@@ -9,6 +9,7 @@ raises ``StoreMismatch``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -16,8 +17,35 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+__all__ = [
+    "Record",
+    "Store",
+    "StoreMismatch",
+    "default_dir",
+    "results_file",
+]
+
+
+if TYPE_CHECKING:
+    from qlib.explore.workload import Workload
 
 Genome = tuple[int, ...]
+
+
+def default_dir() -> Path:
+    """Where the book's exploration results live: ``$QLIB_CACHE/explore``."""
+    return Path(os.environ.get("QLIB_CACHE", ".qlib-cache")) / "explore"
+
+
+def results_file(w: Workload, tag: str = "", folder: str | os.PathLike | None = None) -> Path:
+    """One SQLite file per workload digest and NSGA-II settings, so a rerun with the same
+    settings finds its results; ``tag`` names a variant (e.g. a random search of the same
+    workload)."""
+    search = hashlib.sha256(json.dumps(w.nsga2.model_dump(), sort_keys=True).encode()).hexdigest()
+    folder = default_dir() if folder is None else Path(folder)
+    return folder / f"{w.name}-{w.digest()}-{search[:8]}{tag}.sqlite"
 
 
 class StoreMismatch(ValueError):
@@ -39,7 +67,9 @@ class Record:
 class Store:
     """Results of one workload in an SQLite file (``":memory:"`` for a throw-away store)."""
 
-    def __init__(self, path: str | os.PathLike, workload_digest: str, workload_name: str = "") -> None:
+    def __init__(
+        self, path: str | os.PathLike, workload_digest: str, workload_name: str = ""
+    ) -> None:
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -54,8 +84,11 @@ class Store:
         if row is None:
             self._db.executemany(
                 "INSERT INTO meta VALUES (?, ?)",
-                [("workload_digest", workload_digest), ("workload_name", workload_name),
-                 ("created", str(time.time()))],
+                [
+                    ("workload_digest", workload_digest),
+                    ("workload_name", workload_name),
+                    ("created", str(time.time())),
+                ],
             )
             self._db.commit()
         elif row[0] != workload_digest:
@@ -82,8 +115,15 @@ class Store:
         self._db.execute(
             "INSERT OR IGNORE INTO evaluations (generation, genome, objectives, accuracy, "
             "constraint_value, seconds, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (rec.generation, json.dumps(list(rec.genome)), json.dumps(list(rec.objectives)),
-             rec.accuracy, rec.constraint, rec.seconds, time.time()),
+            (
+                rec.generation,
+                json.dumps(list(rec.genome)),
+                json.dumps(list(rec.objectives)),
+                rec.accuracy,
+                rec.constraint,
+                rec.seconds,
+                time.time(),
+            ),
         )
         self._db.commit()
         self._cache.setdefault(rec.genome, rec)
@@ -94,8 +134,10 @@ class Store:
             "SELECT generation, genome, objectives, accuracy, constraint_value, seconds "
             "FROM evaluations ORDER BY id"
         ).fetchall()
-        return [Record(g, tuple(json.loads(x)), tuple(json.loads(f)), a, c, s)
-                for g, x, f, a, c, s in rows]
+        return [
+            Record(g, tuple(json.loads(x)), tuple(json.loads(f)), a, c, s)
+            for g, x, f, a, c, s in rows
+        ]
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -107,8 +149,12 @@ class Store:
         recs = self.records()
         rows = []
         for r in recs:
-            row = {"generation": r.generation, "accuracy": r.accuracy, "constraint": r.constraint,
-                   "seconds": r.seconds}
+            row = {
+                "generation": r.generation,
+                "accuracy": r.accuracy,
+                "constraint": r.constraint,
+                "seconds": r.seconds,
+            }
             row |= {f"F{i}": f for i, f in enumerate(r.objectives)}
             row |= {f"g{i}": g for i, g in enumerate(r.genome)}
             rows.append(row)

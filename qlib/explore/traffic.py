@@ -32,6 +32,18 @@ from torch import nn
 
 from qlib import models
 
+__all__ = [
+    "LayerShape",
+    "LayerTraffic",
+    "OPERANDS",
+    "REFERENCE_BITS",
+    "layer_shapes",
+    "network_traffic",
+    "traffic_table",
+    "zigzag_layer",
+]
+
+
 REFERENCE_BITS = 16
 OPERANDS = ("I", "W", "O")
 
@@ -70,11 +82,19 @@ class LayerTraffic:
         f_i, f_w, f_o = b_in / ref, b_w / ref, b_out / ref
         tot = self.total_bits or 1.0
         # Energy per DRAM access is constant, so energy splits like the traffic does.
-        e = self.energy_pj * (self.input_bits * f_i + self.weight_bits * f_w + self.output_bits * f_o) / tot
-        return LayerTraffic(self.input_bits * f_i, self.weight_bits * f_w, self.output_bits * f_o, e)
+        e = (
+            self.energy_pj
+            * (self.input_bits * f_i + self.weight_bits * f_w + self.output_bits * f_o)
+            / tot
+        )
+        return LayerTraffic(
+            self.input_bits * f_i, self.weight_bits * f_w, self.output_bits * f_o, e
+        )
 
 
-def layer_shapes(model: nn.Module, in_shape: Sequence[int], conv_only: bool = False) -> list[LayerShape]:
+def layer_shapes(
+    model: nn.Module, in_shape: Sequence[int], conv_only: bool = False
+) -> list[LayerShape]:
     """Shapes of the Conv2d (and Linear) layers of ``model`` for one input of ``in_shape`` [C, H, W]."""
     shapes: list[LayerShape] = []
     hooks = []
@@ -83,11 +103,22 @@ def layer_shapes(model: nn.Module, in_shape: Sequence[int], conv_only: bool = Fa
         def fn(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
             if isinstance(mod, nn.Conv2d):
                 if mod.groups != 1 or mod.dilation != (1, 1) or mod.stride[0] != mod.stride[1]:
-                    raise ValueError(f"layer {name}: only dense, undilated square-stride convolutions")
+                    raise ValueError(
+                        f"layer {name}: only dense, undilated square-stride convolutions"
+                    )
                 shapes.append(
-                    LayerShape(name, "conv", mod.in_channels, mod.out_channels, out.shape[2],
-                               out.shape[3], mod.kernel_size[0], mod.kernel_size[1],
-                               mod.stride[0], int(mod.padding[0]))
+                    LayerShape(
+                        name,
+                        "conv",
+                        mod.in_channels,
+                        mod.out_channels,
+                        out.shape[2],
+                        out.shape[3],
+                        mod.kernel_size[0],
+                        mod.kernel_size[1],
+                        mod.stride[0],
+                        int(mod.padding[0]),
+                    )
                 )
             else:
                 shapes.append(LayerShape(name, "linear", mod.in_features, mod.out_features, 1, 1))
@@ -120,8 +151,10 @@ def zigzag_layer(
     """DRAM traffic of ``layer`` at the given precisions, from ZigZag (cached on disk)."""
     geo = asdict(layer)
     geo.pop("name")  # identical shapes share a cache entry
-    key = json.dumps({"layer": geo, "bits": [b_in, b_w, b_out], "acc": accelerator, "map": mapping},
-                     sort_keys=True)
+    key = json.dumps(
+        {"layer": geo, "bits": [b_in, b_w, b_out], "acc": accelerator, "map": mapping},
+        sort_keys=True,
+    )
     path = models.cache_dir() / "zigzag" / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
     if cache and path.is_file():
         return LayerTraffic(**json.loads(path.read_text())["traffic"])
@@ -138,7 +171,11 @@ def _zigzag_inputs(accelerator: str, mapping: str) -> tuple[str, str]:
     import zigzag
 
     base = resources.files(zigzag) / "inputs"
-    acc = Path(accelerator) if accelerator.endswith(".yaml") else base / "hardware" / f"{accelerator}.yaml"
+    acc = (
+        Path(accelerator)
+        if accelerator.endswith(".yaml")
+        else base / "hardware" / f"{accelerator}.yaml"
+    )
     mp = Path(mapping) if mapping.endswith(".yaml") else base / "mapping" / f"{mapping}.yaml"
     for p in (acc, mp):
         if not Path(str(p)).is_file():
@@ -146,7 +183,9 @@ def _zigzag_inputs(accelerator: str, mapping: str) -> tuple[str, str]:
     return str(acc), str(mp)
 
 
-def _run_zigzag(layer: LayerShape, b_in: int, b_w: int, b_out: int, accelerator: str, mapping: str) -> LayerTraffic:
+def _run_zigzag(
+    layer: LayerShape, b_in: int, b_w: int, b_out: int, accelerator: str, mapping: str
+) -> LayerTraffic:
     import matplotlib
 
     # Importing ZigZag calls plt.rc(...) (its plotting module), which would restyle every later
@@ -156,20 +195,22 @@ def _run_zigzag(layer: LayerShape, b_in: int, b_w: int, b_out: int, accelerator:
 
     acc, mp = _zigzag_inputs(accelerator, mapping)
     s, p = layer.stride, layer.padding
-    spec = [{
-        "id": 0,
-        "name": layer.name,
-        "operator_type": "Conv",
-        "equation": "O[b][k][oy][ox]+=W[k][c][fy][fx]*I[b][c][iy][ix]",
-        "dimension_relations": [f"ix={s}*ox+1*fx", f"iy={s}*oy+1*fy"],
-        "loop_dims": ["B", "K", "C", "OY", "OX", "FY", "FX"],
-        "loop_sizes": [1, layer.K, layer.C, layer.OY, layer.OX, layer.FY, layer.FX],
-        # O is the partial-sum precision inside the accelerator; O_final what goes to DRAM.
-        "operand_precision": {"I": b_in, "W": b_w, "O": 32, "O_final": b_out},
-        "operand_source": {"I": 0, "W": 0},
-        "pr_loop_dims": ["IX", "IY"],
-        "padding": [[p, p], [p, p]],
-    }]
+    spec = [
+        {
+            "id": 0,
+            "name": layer.name,
+            "operator_type": "Conv",
+            "equation": "O[b][k][oy][ox]+=W[k][c][fy][fx]*I[b][c][iy][ix]",
+            "dimension_relations": [f"ix={s}*ox+1*fx", f"iy={s}*oy+1*fy"],
+            "loop_dims": ["B", "K", "C", "OY", "OX", "FY", "FX"],
+            "loop_sizes": [1, layer.K, layer.C, layer.OY, layer.OX, layer.FY, layer.FX],
+            # O is the partial-sum precision inside the accelerator; O_final what goes to DRAM.
+            "operand_precision": {"I": b_in, "W": b_w, "O": 32, "O_final": b_out},
+            "operand_source": {"I": 0, "W": 0},
+            "pr_loop_dims": ["IX", "IY"],
+            "padding": [[p, p], [p, p]],
+        }
+    ]
     dump = tempfile.mkdtemp(prefix="qlib-zigzag-")
     try:
         with _quiet():
@@ -225,10 +266,18 @@ def network_traffic(
     out = []
     for shape, (b_in, b_w, b_out) in zip(shapes, _precisions(genome, len(shapes)), strict=True):
         if model == "zigzag":
-            out.append(zigzag_layer(shape, b_in, b_w, b_out, accelerator=accelerator, mapping=mapping))
+            out.append(
+                zigzag_layer(shape, b_in, b_w, b_out, accelerator=accelerator, mapping=mapping)
+            )
         elif model == "linear":
-            ref = zigzag_layer(shape, REFERENCE_BITS, REFERENCE_BITS, REFERENCE_BITS,
-                               accelerator=accelerator, mapping=mapping)
+            ref = zigzag_layer(
+                shape,
+                REFERENCE_BITS,
+                REFERENCE_BITS,
+                REFERENCE_BITS,
+                accelerator=accelerator,
+                mapping=mapping,
+            )
             out.append(ref.scaled(b_in, b_w, b_out))
         else:
             raise ValueError(f"unknown traffic model {model!r}; expected 'zigzag' or 'linear'")
@@ -249,12 +298,23 @@ def traffic_table(
     rows = []
     prec = _precisions(genome, len(shapes))
     for m in models_:
-        per_layer = network_traffic(shapes, genome, model=m, accelerator=accelerator, mapping=mapping)
+        per_layer = network_traffic(
+            shapes, genome, model=m, accelerator=accelerator, mapping=mapping
+        )
         for shape, (b_in, b_w, b_out), t in zip(shapes, prec, per_layer, strict=True):
-            rows.append({
-                "model": m, "layer": shape.name, "kind": shape.kind, "input_bits": b_in,
-                "weight_bits": b_w, "output_bits": b_out, "dram_input_bits": t.input_bits,
-                "dram_weight_bits": t.weight_bits, "dram_output_bits": t.output_bits,
-                "dram_MB": t.total_bits / 8e6, "dram_energy_pJ": t.energy_pj,
-            })
+            rows.append(
+                {
+                    "model": m,
+                    "layer": shape.name,
+                    "kind": shape.kind,
+                    "input_bits": b_in,
+                    "weight_bits": b_w,
+                    "output_bits": b_out,
+                    "dram_input_bits": t.input_bits,
+                    "dram_weight_bits": t.weight_bits,
+                    "dram_output_bits": t.output_bits,
+                    "dram_MB": t.total_bits / 8e6,
+                    "dram_energy_pJ": t.energy_pj,
+                }
+            )
     return pd.DataFrame(rows)

@@ -18,6 +18,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+__all__ = [
+    "CONDITIONS",
+    "SEVERITIES",
+    "corrupt",
+    "transform",
+]
+
+
 CONDITIONS = ("rain", "fog", "snow", "brightness")
 SEVERITIES = (1, 2, 3, 4, 5)
 WORKING_SIZE = 112
@@ -39,7 +47,9 @@ def transform(condition: str, severity: int):
         )
     if condition == "fog":
         lo = 0.15 * s
-        return A.RandomFog(fog_coef_range=(lo, min(1.0, lo + 0.05)), alpha_coef=0.08 + 0.02 * s, p=1.0)
+        return A.RandomFog(
+            fog_coef_range=(lo, min(1.0, lo + 0.05)), alpha_coef=0.08 + 0.02 * s, p=1.0
+        )
     if condition == "snow":
         lo = 0.1 * s
         return A.RandomSnow(

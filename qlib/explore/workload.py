@@ -18,6 +18,30 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from qlib import data, zoo
 
+__all__ = [
+    "BitsSpec",
+    "CalibrationSpec",
+    "ConstraintSpec",
+    "DatasetSpec",
+    "Datasets",
+    "EnergySpec",
+    "MAX_BITS",
+    "MIN_BITS",
+    "ModelSpec",
+    "NSGA2Spec",
+    "PROBLEMS",
+    "ParallelSpec",
+    "RetrainingSpec",
+    "WEATHER_CONDITIONS",
+    "WeatherSpec",
+    "Workload",
+    "WorkloadError",
+    "load",
+    "override",
+    "parse",
+]
+
+
 PROBLEMS = ("quantization_problem", "energy_aware_quant_problem")
 WEATHER_CONDITIONS = ("rain", "fog", "snow", "brightness")
 # Lower limit 2: with 1 bit the symmetric quantiser's largest level is 2**0 - 1 = 0 and the
@@ -201,11 +225,15 @@ def parse(raw: object, source: str = "<workload>") -> Workload:
     if isinstance(raw, dict) and set(raw) == {"workload"}:
         raw = raw["workload"]  # the reference repository nests everything under 'workload:'
     if not isinstance(raw, dict):
-        raise WorkloadError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+        raise WorkloadError(
+            f"{source}: expected a mapping at the top level, got {type(raw).__name__}"
+        )
     try:
         return Workload.model_validate(raw)
     except ValidationError as e:
-        raise WorkloadError(f"{source}:\n" + "\n".join(_format(err) for err in e.errors())) from None
+        raise WorkloadError(
+            f"{source}:\n" + "\n".join(_format(err) for err in e.errors())
+        ) from None
 
 
 def load(path: str | os.PathLike) -> Workload:
@@ -219,6 +247,19 @@ def load(path: str | os.PathLike) -> Workload:
         raise WorkloadError(f"{path}: not valid YAML: {e}") from None
     w = parse(raw, str(path))
     return w if w.name else w.model_copy(update={"name": path.stem})
+
+
+def override(w: Workload, changes: dict) -> Workload:
+    """``w`` with the nested fields of ``changes`` replaced (``{"nsga2": {"population": 8}}``),
+    validated again, so an override that breaks the schema names its key like a file would."""
+
+    def merge(a: dict, b: dict) -> dict:
+        return {
+            k: merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+            for k, v in (a | b).items()
+        }
+
+    return parse(merge(w.model_dump(mode="json"), changes), f"{w.name} (overridden)")
 
 
 def _format(err: dict) -> str:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qlib import models
 from qlib.ptq.capture import LayerInputs, collect_inputs, find_layers, model_device
 from qlib.ptq.grid import (
     LEVELS,
@@ -243,10 +244,8 @@ def quantize_layers(
         float_layers=kept_float,
     )
     if eval_data is not None:
-        from qlib.models import evaluate
-
-        out.accuracy = evaluate(qmodel, eval_data)
-        out.float_accuracy = evaluate(copy.deepcopy(model), eval_data)
+        out.accuracy = models.evaluate(qmodel, eval_data)
+        out.float_accuracy = models.evaluate(copy.deepcopy(model), eval_data)
     if log_path is not None:
         append_log(out.log_row(model_name(model)), log_path)
     return out
@@ -323,23 +322,27 @@ def _fine_tune(
     model: nn.Module, frozen: list[nn.Module], X: Tensor, y: Tensor, cfg: Retrain, seed: int
 ) -> None:
     """Train the parameters of ``model`` outside ``frozen`` layers on ``(X, y)`` for a short while."""
-    frozen_ids = {id(p) for m in frozen for p in m.parameters()}
+    frozen_params = [p for m in frozen for p in m.parameters()]
+    frozen_ids = {id(p) for p in frozen_params}
     params = [p for p in model.parameters() if id(p) not in frozen_ids]
     if not params:
         return
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     device = model_device(model)
-    model.train()
-    for _ in range(cfg.epochs):
-        order = torch.randperm(len(X), generator=gen)
-        for i in range(0, len(X), cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
-            loss = F.cross_entropy(model(X[idx].to(device)), y[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for p in model.parameters():
-                if id(p) in frozen_ids:
-                    p.grad = None  # frozen: Adam skips parameters without a gradient
-            opt.step()
+
+    def loss_fn(xb: Tensor, yb: Tensor) -> Tensor:
+        return F.cross_entropy(model(xb.to(device)), yb.to(device))
+
+    # The quantised layers get no gradient at all: backward stops before them, and the
+    # optimiser, which holds only the float layers, could not move them anyway.
+    flags = [p.requires_grad for p in frozen_params]
+    try:
+        for p in frozen_params:
+            p.requires_grad_(False)
+        for _ in range(cfg.epochs):
+            models.train_epoch(model, (X, y), opt, gen, cfg.batch_size, loss_fn)
+    finally:
+        for p, flag in zip(frozen_params, flags, strict=True):
+            p.requires_grad_(flag)
     model.eval()
