@@ -3,6 +3,7 @@
 // Plusargs: +n= +scale= (hex bf16) +inv= (hex f32) +narrow= +count= (values per lane)
 //   +up_file= +up_beats= (packed words, one 16*LANES-bit hex beat a line) +dn_file= +dn_beats=
 //   (bfloat16 beats) +out= +ready_pct= (0..100, percent of cycles the sinks are ready)
+//   +valid_pct= (percent of cycles the sources offer a beat)
 //   +seed= +vcd= (optional waveform file) +timeout= (cycles)
 `default_nettype none
 module tb_stream;
@@ -50,24 +51,28 @@ module tb_stream;
     reg [W-1:0] up_mem [0:MAXBEATS-1];
     reg [W-1:0] dn_mem [0:MAXBEATS-1];
     reg [1023:0] up_file, dn_file, out_file, vcd_file;
-    integer n, narrow, count, up_beats, dn_beats, ready_pct, seed, timeout, fd, i, cyc;
+    integer n, narrow, count, up_beats, dn_beats, ready_pct, valid_pct, seed, timeout, fd, i, cyc;
     reg [31:0] scale, inv, rd;
     integer up_sent, dn_sent;
     reg up_run, dn_run;
+    reg up_hold = 1'b0, dn_hold = 1'b0;
 
     // Sources present beats in order while running; sinks are ready with probability ready_pct.
     // Signals change at the falling edge; the handshakes of the next rising edge are read 1
     // time unit later, when everything has settled.
     always @(negedge clk) begin
-        s_up_tvalid = up_run && (up_sent < up_beats);
+        // AXI-Stream: a beat once offered stays offered until taken
+        s_up_tvalid = up_run && (up_sent < up_beats) && (up_hold || ($unsigned($random(seed)) % 100 < valid_pct));
         s_up_tdata = (up_sent < up_beats) ? up_mem[up_sent] : {W{1'b0}};
         s_up_tlast = (up_sent == up_beats - 1);
-        s_dn_tvalid = dn_run && (dn_sent < dn_beats);
+        s_dn_tvalid = dn_run && (dn_sent < dn_beats) && (dn_hold || ($unsigned($random(seed)) % 100 < valid_pct));
         s_dn_tdata = (dn_sent < dn_beats) ? dn_mem[dn_sent] : {W{1'b0}};
         s_dn_tlast = (dn_sent == dn_beats - 1);
         m_up_tready = ($unsigned($random(seed)) % 100) < ready_pct;
         m_dn_tready = ($unsigned($random(seed)) % 100) < ready_pct;
         #1;
+        up_hold = s_up_tvalid && !s_up_tready;
+        dn_hold = s_dn_tvalid && !s_dn_tready;
         if (s_up_tvalid && s_up_tready) up_sent = up_sent + 1;
         if (s_dn_tvalid && s_dn_tready) dn_sent = dn_sent + 1;
         if (m_up_tvalid && m_up_tready) $fdisplay(fd, "U %h %0d", m_up_tdata, m_up_tlast);
@@ -106,6 +111,7 @@ module tb_stream;
         if (!$value$plusargs("up_beats=%d", up_beats)) up_beats = 0;
         if (!$value$plusargs("dn_beats=%d", dn_beats)) dn_beats = 0;
         if (!$value$plusargs("ready_pct=%d", ready_pct)) ready_pct = 100;
+        if (!$value$plusargs("valid_pct=%d", valid_pct)) valid_pct = 100;
         if (!$value$plusargs("seed=%d", seed)) seed = 1;
         if (!$value$plusargs("timeout=%d", timeout)) timeout = 10000000;
         if (!$value$plusargs("out=%s", out_file)) out_file = "tb_stream.out";

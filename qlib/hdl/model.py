@@ -123,7 +123,9 @@ def status_names(status: int) -> list[str]:
 def check_bits(n: int, where: str = "n") -> int:
     """Validate a bit width for the software API (the hardware flags it instead)."""
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or not MIN_BITS <= n <= MAX_BITS:
-        raise ValueError(f"{where}: bit width must be an integer in {MIN_BITS}..{MAX_BITS}, got {n!r}")
+        raise ValueError(
+            f"{where}: bit width must be an integer in {MIN_BITS}..{MAX_BITS}, got {n!r}"
+        )
     return int(n)
 
 
@@ -195,7 +197,8 @@ def bf16_bits(x) -> np.ndarray:
 
 def bits_bf16(bits) -> np.ndarray:
     """float32 values of bfloat16 bit patterns."""
-    return np.asarray(bits, dtype=np.uint16).view(BF16).astype(np.float32)
+    with np.errstate(invalid="ignore"):  # NaN patterns stay NaN
+        return np.asarray(bits, dtype=np.uint16).view(BF16).astype(np.float32)
 
 
 def f32_bits(x) -> np.ndarray:
@@ -293,7 +296,9 @@ def upstream(words, n: int, scale_bits: int, num_values: int) -> UpResult:
     """
     w = np.asarray(words, dtype=np.uint16).ravel()
     if not MIN_BITS <= n <= MAX_BITS:
-        return UpResult(np.zeros(0, np.uint16), np.zeros(0, np.int64), _bit("UP_DONE") | _bit("UP_ERR_WIDTH"), 0)
+        return UpResult(
+            np.zeros(0, np.uint16), np.zeros(0, np.int64), _bit("UP_DONE") | _bit("UP_ERR_WIDTH"), 0
+        )
     status = _bit("UP_DONE")
     if _bad_scale_bf16(scale_bits):
         status |= _bit("UP_ERR_SCALE")
@@ -318,7 +323,9 @@ def downstream(values, n: int, inv_scale_bits: int, narrow: bool = False) -> Dow
     """
     x = np.asarray(values, dtype=np.uint16).ravel()
     if not MIN_BITS <= n <= MAX_BITS:
-        return DownResult(np.zeros(0, np.uint16), np.zeros(0, np.int64), _bit("DN_DONE") | _bit("DN_ERR_WIDTH"))
+        return DownResult(
+            np.zeros(0, np.uint16), np.zeros(0, np.int64), _bit("DN_DONE") | _bit("DN_ERR_WIDTH")
+        )
     if len(x) == 0:
         raise ValueError("values: an AXI-Stream packet has at least one value")
     status = _bit("DN_DONE")

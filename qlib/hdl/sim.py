@@ -36,7 +36,12 @@ __all__ = [
 ]
 
 HDL_DIR = Path(__file__).resolve().parents[2] / "hdl"
-_DEBIAN = {"iverilog": "iverilog", "vvp": "iverilog", "yosys": "yosys", "nextpnr-ice40": "nextpnr-ice40"}
+_DEBIAN = {
+    "iverilog": "iverilog",
+    "vvp": "iverilog",
+    "yosys": "yosys",
+    "nextpnr-ice40": "nextpnr-ice40",
+}
 COUNTERS = ("WORDS_IN", "VALUES_OUT", "CYCLES", "STALLS")
 DN_COUNTERS = ("VALUES_IN", "WORDS_OUT", "CYCLES", "STALLS")
 
@@ -95,8 +100,11 @@ def build_stream_tb(lanes: int, build_dir: str | os.PathLike) -> Path:
     build.mkdir(parents=True, exist_ok=True)
     tb = HDL_DIR / "tb"
     return compile_verilog(
-        "tb_stream", build / f"tb_stream_l{lanes}.vvp", [*sources(), tb / "tb_stream.v"],
-        params={"LANES": lanes}, include=[tb],
+        "tb_stream",
+        build / f"tb_stream_l{lanes}.vvp",
+        [*sources(), tb / "tb_stream.v"],
+        params={"LANES": lanes},
+        include=[tb],
     )
 
 
@@ -149,6 +157,7 @@ def run_stream(
     inv_scale_bits: int = 0x3F800000,
     narrow: bool = False,
     ready_pct: int = 100,
+    valid_pct: int = 100,
     seed: int = 1,
     vcd: str | os.PathLike | None = None,
     timeout_cycles: int = 10_000_000,
@@ -157,28 +166,41 @@ def run_stream(
     ``dn_values`` [V, L] is given, one downstream job, on the compiled ``tb_stream``.
 
     ``n`` is written to the BITS register as given (out-of-range widths are the hardware's to
-    flag). ``ready_pct`` is the percentage of cycles the output sinks accept a beat.
+    flag). ``ready_pct`` is the percentage of cycles the output sinks accept a beat,
+    ``valid_pct`` the percentage of cycles the input sources offer a new one.
     """
     up = _as_beats(up_words, lanes, "up_words")
     dn = _as_beats(dn_values, lanes, "dn_values")
-    if not 0 <= ready_pct <= 100:
-        raise ValueError(f"ready_pct must be in 0..100, got {ready_pct}")
+    for name, pct in (("ready_pct", ready_pct), ("valid_pct", valid_pct)):
+        if not 0 < pct <= 100:
+            raise ValueError(f"{name} must be in 1..100, got {pct}")
     require("vvp")
     with tempfile.TemporaryDirectory(prefix="qlib-hdl-") as tmp:
         tmp = Path(tmp)
         _write_beats(tmp / "up.hex", up)
         _write_beats(tmp / "dn.hex", dn)
         args = [
-            f"+n={n}", f"+scale={scale_bits & 0xFFFF:x}", f"+inv={inv_scale_bits & 0xFFFFFFFF:x}",
-            f"+narrow={int(narrow)}", f"+count={count}", f"+up_beats={len(up)}",
-            f"+up_file={tmp / 'up.hex'}", f"+dn_beats={len(dn)}", f"+dn_file={tmp / 'dn.hex'}",
-            f"+out={tmp / 'out.txt'}", f"+ready_pct={ready_pct}", f"+seed={seed}",
+            f"+n={n}",
+            f"+scale={scale_bits & 0xFFFF:x}",
+            f"+inv={inv_scale_bits & 0xFFFFFFFF:x}",
+            f"+narrow={int(narrow)}",
+            f"+count={count}",
+            f"+up_beats={len(up)}",
+            f"+up_file={tmp / 'up.hex'}",
+            f"+dn_beats={len(dn)}",
+            f"+dn_file={tmp / 'dn.hex'}",
+            f"+out={tmp / 'out.txt'}",
+            f"+ready_pct={ready_pct}",
+            f"+valid_pct={valid_pct}",
+            f"+seed={seed}",
             f"+timeout={timeout_cycles}",
         ]
         if vcd is not None:
             args.append(f"+vcd={Path(vcd).resolve()}")
         t0 = time.perf_counter()
-        res = subprocess.run([require("vvp"), "-n", str(vvp), *args], capture_output=True, text=True)
+        res = subprocess.run(
+            [require("vvp"), "-n", str(vvp), *args], capture_output=True, text=True
+        )
         wall = time.perf_counter() - t0
         if res.returncode != 0 or not (tmp / "out.txt").exists():
             raise RuntimeError(f"vvp {vvp} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
@@ -222,9 +244,17 @@ def run_stream(
     )
 
 
-def check_against_model(run: StreamRun, *, n: int, up_words, count: int, scale_bits: int,
-                        dn_values=None, inv_scale_bits: int = 0x3F800000,
-                        narrow: bool = False) -> list[str]:
+def check_against_model(
+    run: StreamRun,
+    *,
+    n: int,
+    up_words,
+    count: int,
+    scale_bits: int,
+    dn_values=None,
+    inv_scale_bits: int = 0x3F800000,
+    narrow: bool = False,
+) -> list[str]:
     """Compare a ``StreamRun`` with ``qlib.hdl.model`` lane by lane; returns the mismatches
     (empty when every value, word, tlast and status bit agrees)."""
     errs: list[str] = []
@@ -236,13 +266,17 @@ def check_against_model(run: StreamRun, *, n: int, up_words, count: int, scale_b
         got = run.up_values[:, lane] if run.up_values.size else np.zeros(0, np.uint16)
         if not np.array_equal(got, ref.values):
             bad = np.flatnonzero(got[: len(ref.values)] != ref.values[: len(got)])
-            errs.append(f"upstream lane {lane}: {len(got)} values vs {len(ref.values)} expected; "
-                        f"first mismatches at {bad[:5].tolist()}")
+            errs.append(
+                f"upstream lane {lane}: {len(got)} values vs {len(ref.values)} expected; "
+                f"first mismatches at {bad[:5].tolist()}"
+            )
     if count and (len(run.up_last) == 0 or not run.up_last[-1] or run.up_last[:-1].any()):
         errs.append("upstream: tlast is not on the last beat only")
     if run.up_status & 0x0F03 != want_status & 0x0F03:
-        errs.append(f"upstream status {model.status_names(run.up_status)} vs "
-                    f"{model.status_names(want_status)}")
+        errs.append(
+            f"upstream status {model.status_names(run.up_status)} vs "
+            f"{model.status_names(want_status)}"
+        )
     if dn_values is not None:
         dv = np.asarray(dn_values)
         want_status = 0
@@ -251,11 +285,15 @@ def check_against_model(run: StreamRun, *, n: int, up_words, count: int, scale_b
             want_status |= ref.status
             got = run.dn_words[:, lane] if run.dn_words.size else np.zeros(0, np.uint16)
             if not np.array_equal(got, ref.words):
-                errs.append(f"downstream lane {lane}: words {got[:6].tolist()}... vs "
-                            f"{ref.words[:6].tolist()}...")
+                errs.append(
+                    f"downstream lane {lane}: words {got[:6].tolist()}... vs "
+                    f"{ref.words[:6].tolist()}..."
+                )
         if len(run.dn_last) and (not run.dn_last[-1] or run.dn_last[:-1].any()):
             errs.append("downstream: tlast is not on the last word only")
         if run.dn_status & 0x1F000C != want_status & 0x1F000C:
-            errs.append(f"downstream status {model.status_names(run.dn_status)} vs "
-                        f"{model.status_names(want_status)}")
+            errs.append(
+                f"downstream status {model.status_names(run.dn_status)} vs "
+                f"{model.status_names(want_status)}"
+            )
     return errs

@@ -1,0 +1,92 @@
+"""Synthesise the converter with yosys for a generic FPGA target and count its cells.
+
+``synthesize`` runs ``synth_xilinx`` (7-series cells: LUT1..LUT6, flip-flops FD*, DSP48E1,
+CARRY4) or ``synth_ice40`` (SB_LUT4, SB_DFF*, SB_MAC16 with ``-dsp``, SB_CARRY) and reads
+``stat -json``. These are technology-mapped cell counts before placement: no vendor timing
+closure, no routing, and yosys's LUT packing differs from a vendor tool's.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .sim import require, sources
+
+__all__ = ["TARGETS", "SynthResult", "synthesize"]
+
+TARGETS = {
+    "xilinx": "synth_xilinx -family xc7 -flatten -top {top}",
+    "ice40": "synth_ice40 -dsp -top {top}",
+}
+
+
+@dataclass(frozen=True)
+class SynthResult:
+    """Cell counts of one synthesised module."""
+
+    top: str
+    target: str
+    params: dict
+    cells: dict[str, int]
+    wall_s: float
+
+    def _sum(self, prefixes: tuple[str, ...]) -> int:
+        return sum(v for k, v in self.cells.items() if k.startswith(prefixes))
+
+    @property
+    def luts(self) -> int:
+        return self._sum(("LUT", "SB_LUT"))
+
+    @property
+    def ffs(self) -> int:
+        return self._sum(("FD", "SB_DFF"))
+
+    @property
+    def dsps(self) -> int:
+        return self._sum(("DSP48", "SB_MAC16"))
+
+    @property
+    def carries(self) -> int:
+        return self._sum(("CARRY", "SB_CARRY"))
+
+
+def synthesize(
+    top: str = "nc_lane",
+    *,
+    target: str = "xilinx",
+    params: dict[str, int] | None = None,
+    timeout_s: float = 600,
+) -> SynthResult:
+    """Synthesise module ``top`` of ``hdl/src`` (with ``params`` overrides) for ``target``."""
+    if target not in TARGETS:
+        raise ValueError(f"target {target!r}; expected one of {sorted(TARGETS)}")
+    yosys = require("yosys")
+    params = dict(params or {})
+    files = " ".join(str(f) for f in sources())
+    chparam = "".join(f" -set {k} {int(v)}" for k, v in params.items())
+    with tempfile.TemporaryDirectory(prefix="qlib-yosys-") as tmp:
+        stat = Path(tmp) / "stat.json"
+        script = (
+            f"read_verilog -defer {files}; "
+            + (f"chparam{chparam} {top}; " if params else "")
+            + f"hierarchy -top {top}; "
+            + TARGETS[target].format(top=top)
+            + f"; tee -q -o {stat} stat -json"
+        )
+        t0 = time.perf_counter()
+        res = subprocess.run(
+            [yosys, "-q", "-p", script], capture_output=True, text=True, timeout=timeout_s
+        )
+        wall = time.perf_counter() - t0
+        if res.returncode != 0 or not stat.exists():
+            raise RuntimeError(f"yosys failed on {top} ({res.returncode}):\n{res.stderr[-2000:]}")
+        data = json.loads(stat.read_text())
+    mods = data["modules"]
+    design = data.get("design") or mods.get(top) or next(iter(mods.values()))
+    cells = {k: int(v) for k, v in design.get("num_cells_by_type", {}).items()}
+    return SynthResult(top, target, params, cells, wall)
