@@ -314,8 +314,13 @@ def _jupyter_book(source: Path, builder: str, out: Path | None, log: Path) -> in
     if out is not None:
         cmd += ["--path-output", str(out)]
     log.parent.mkdir(parents=True, exist_ok=True)
+    # LaTeX goes on past an error (reported by chapter afterwards) instead of waiting for input;
+    # latexmk -f finishes the passes so that the PDF's references resolve all the same.
+    env = {**os.environ, "LATEXOPTS": "-interaction=nonstopmode", "LATEXMKOPTS": "-f"}
     with log.open("w") as f:
-        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
+        return subprocess.run(
+            cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, check=False
+        ).returncode
 
 
 def build_html(source: Path = ROOT, out: Path | None = None) -> Path:
@@ -344,7 +349,7 @@ def pdf_problems(stems: list[str], nb_dir: Path = ROOT / EXECUTED_DIR) -> dict[s
             problems[stem] = "not executed (run `python -m qlib.book run` first)"
             continue
         if o.status == "failed":
-            problems[stem] = f"its execution failed ({o.error})"
+            problems[stem] = f"its execution failed ({o.error or 'see the executed notebook'})"
             continue
         nb = json.loads((Path(nb_dir) / f"{stem}.ipynb").read_text())
         lost = []
@@ -380,7 +385,8 @@ def latex_errors(tex: Path) -> dict[str, list[str]]:
             if m:
                 n = int(m.group(1))
                 where = [t for start, t in chapters if start <= n]
-                found.setdefault(where[-1] if where else "front matter", []).append(message)
+                # Errors in a package, or before the first chapter, land in the preamble.
+                found.setdefault(where[-1] if where else "preamble", []).append(message)
                 message = None
     return found
 

@@ -133,7 +133,7 @@ def test_latex_errors_are_reported_by_chapter(tmp_path):
     )
     assert book.latex_errors(tex) == {
         "GPFQ": ["Undefined control sequence."],
-        "front matter": ["Missing $ inserted."],
+        "preamble": ["Missing $ inserted."],
     }
     assert book.latex_errors(tmp_path / "none.tex") == {}
 
