@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from html.parser import HTMLParser
 from importlib import metadata
 from pathlib import Path
 
@@ -137,6 +138,7 @@ def execute(
     if target.is_file():
         nb = json.loads(target.read_text())
         hide_injected_parameters(nb)
+        tables_to_markdown(nb)
         finished = _now()
         nb.setdefault("metadata", {})["qlib"] = {
             "key": key,
@@ -185,6 +187,107 @@ def hide_injected_parameters(nb: dict) -> int:
             n += 1
             if "remove-cell" not in tags:
                 tags.append("remove-cell")
+    return n
+
+
+class _Tables(HTMLParser):
+    """The cells of every ``<table>`` in an HTML fragment: per table, rows of
+    ``[text, rowspan, colspan, is_header]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables: list[list[list[list]]] = []
+        self._row: list | None = None
+        self._cell: list | None = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr" and self.tables:
+            self._row = []
+            self.tables[-1].append(self._row)
+        elif tag in ("td", "th") and self._row is not None:
+            span = int(a.get("rowspan") or 1), int(a.get("colspan") or 1)
+            self._cell = ["", *span, tag == "th"]
+            self._row.append(self._cell)
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self._cell = None
+        elif tag == "tr":
+            self._row = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell[0] += data
+
+
+_MARKDOWN_ESCAPE = set("\\`*_[]<>|$#~")
+
+
+def _markdown_table(rows: list[list[list]]) -> str:
+    """A GFM pipe table of parsed HTML rows: row and column spans laid out on a grid, the
+    header rows (only ``th`` cells) merged into the one header row Markdown allows."""
+    grid, header, pending = [], [], {}  # pending: column -> rows it is still spanned for
+    for row in rows:
+        out, cells = [], list(row)
+        while True:
+            col = len(out)
+            if pending.get(col, 0) > 0:  # spanned from a row above
+                pending[col] -= 1
+                out.append(("", True))
+            elif cells:
+                text, rowspan, colspan, is_th = cells.pop(0)
+                for k in range(colspan):
+                    out.append((" ".join(text.split()) if k == 0 else "", is_th))
+                    if rowspan > 1:
+                        pending[col + k] = rowspan - 1
+            elif any(v > 0 and c > col for c, v in pending.items()):
+                out.append(("", True))
+            else:
+                break
+        grid.append(out)
+        header.append(all(is_th for _, is_th in out))
+    width = max((len(r) for r in grid), default=0)
+    if not width:
+        return ""
+    texts = [[t for t, _ in r] + [""] * (width - len(r)) for r in grid]
+    n_head = next((i for i, h in enumerate(header) if not h), len(grid))
+    body = [r for r, h in zip(grid, header, strict=True) if not h]
+    right = [any(c < len(r) and not r[c][1] for r in body) for c in range(width)]  # data
+    # A data column's header rows are levels of its label; an index column's last header row
+    # names it (the rows above name the column levels, pandas-style).
+    head = [[t for t in col if t] for col in zip(*texts[:n_head], strict=True)] or [[]] * width
+    head = [" / ".join(h) if r else (h[-1] if h else "") for h, r in zip(head, right, strict=True)]
+
+    def line(cells):
+        esc = ("".join("\\" + ch if ch in _MARKDOWN_ESCAPE else ch for ch in t) for t in cells)
+        return "| " + " | ".join(esc) + " |"
+
+    lines = [line(head), "|" + "|".join("---:" if r else ":---" for r in right) + "|"]
+    lines += [line(r) for r in texts[n_head:]]
+    return "\n".join(lines)
+
+
+def tables_to_markdown(nb: dict) -> int:
+    """Give every output that shows HTML tables (DataFrames, Stylers) a ``text/markdown`` form
+    for the PDF book; return how many. Browsers still get the HTML (myst-nb ranks it first for
+    HTML), while LaTeX, which cannot show HTML, would otherwise fall back to the plain text: a
+    Styler's bare repr."""
+    n = 0
+    for cell in nb.get("cells", []):
+        for out in cell.get("outputs", []):
+            data = out.get("data") or {}
+            html = data.get("text/html")
+            if html is None or "text/markdown" in data or "text/latex" in data:
+                continue
+            parser = _Tables()
+            parser.feed(html if isinstance(html, str) else "".join(html))
+            tables = [t for t in (_markdown_table(rows) for rows in parser.tables) if t]
+            if tables:
+                data["text/markdown"] = "\n\n".join(tables)
+                n += 1
     return n
 
 

@@ -143,3 +143,39 @@ def test_cli_rejects_bad_arguments(command):
     with pytest.raises(SystemExit) as e:
         book.main(command)
     assert e.value.code == 2
+
+
+def test_html_tables_get_a_markdown_form_for_the_pdf():
+    import pandas as pd
+
+    df = pd.DataFrame(
+        {"model": ["a", "a", "b"], "bits": [3, 4, 3], "RTN": [0.5, 0.75, 0.25], "GPFQ": [1, 1, 1]}
+    ).set_index(["model", "bits"])
+    df.columns.name = "method"
+    styled = df.style.format("{:.0%}")
+    plain = pd.DataFrame({"x|y": ["$a_b", "c"]})
+    outputs = [
+        nbformat.v4.new_output(
+            "execute_result", data={"text/html": styled.to_html(), "text/plain": "<Styler>"}
+        ),
+        nbformat.v4.new_output(
+            "execute_result", data={"text/html": plain.to_html(), "text/plain": "t"}
+        ),
+        nbformat.v4.new_output("display_data", data={"text/html": "<b>no table</b>"}),
+    ]
+    cell = nbformat.v4.new_code_cell("t")
+    cell.outputs = outputs
+    nb = json.loads(nbformat.writes(_notebook([cell])))
+    assert book.tables_to_markdown(nb) == 2
+    assert book.tables_to_markdown(nb) == 0  # already has its Markdown form
+    got = [o["data"].get("text/markdown") for o in nb["cells"][0]["outputs"]]
+    assert got[0].splitlines() == [
+        "| model | bits | RTN | GPFQ |",
+        "|:---|:---|---:|---:|",
+        "| a | 3 | 50% | 100% |",
+        "|  | 4 | 75% | 100% |",  # the row span of "a" leaves its continuation blank
+        "| b | 3 | 25% | 100% |",
+    ]
+    assert got[1].splitlines()[0] == "|  | x\\|y |"
+    assert got[1].splitlines()[2] == "| 0 | \\$a\\_b |"
+    assert got[2] is None
