@@ -15,6 +15,7 @@ the weight-perturbation rules below exact per neuron.
 
 from __future__ import annotations
 
+import math
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qlib.bounds import rounding
 from qlib.bounds.values import Interval, LinearBound
 from qlib.quant import Perturbation
 
@@ -70,7 +72,13 @@ def _float64(tensor: Tensor) -> Tensor:
 
 
 class Layer(ABC):
-    """One layer of the perturbation model: shapes (without the batch dim) and its rules."""
+    """One layer of the perturbation model: shapes (without the batch dim) and its rules.
+
+    ``inp`` holds the interval of the layer's input ``[N, *in_shape]`` once propagation has
+    computed it (``forward_bounds``); the rounding margins of ``backward`` are taken over it.
+    """
+
+    inp: Interval | None = None
 
     def __init__(self, index: int, module: nn.Module, in_shape: tuple[int, ...]) -> None:
         self.index = index
@@ -102,6 +110,31 @@ class Layer(ABC):
             f"{type(self).__name__}(#{self.index} {self.module}, {self.in_shape}->{self.out_shape})"
         )
 
+    def input_box(self) -> Interval:
+        if self.inp is None:
+            raise RuntimeError(f"layer {self.index}: its input interval is not set")
+        return self.inp
+
+
+def _abs_dot(A: Tensor, v: Tensor) -> Tensor:
+    """``|A| · v`` per sample ``[N, S]`` for ``A`` ``[N, S, *shape]`` or ``[S, *shape]`` and
+    ``v`` ``[N, *shape]`` (the evaluation on absolute values that a rounding margin needs)."""
+    n, k = len(v), v[0].numel()
+    per_sample = A.ndim == v.ndim + 1
+    v = v.reshape(n, k)
+    if per_sample:
+        return torch.bmm(A.abs().reshape(n, -1, k), v.unsqueeze(2)).squeeze(2)
+    return v @ A.abs().reshape(-1, k).T
+
+
+def _step_slack(bound: LinearBound, abs_value: Tensor, n_terms: int) -> Tensor | None:
+    """The slack after one backward step: the old one plus the step's rounding margin, whose
+    evaluation on absolute values is ``abs_value`` ``[N, S]`` plus ``|const|``."""
+    if not rounding.enabled():
+        return bound.slack
+    step = rounding.margin(abs_value + bound.const.abs(), n_terms)
+    return step if bound.slack is None else rounding.up(bound.slack + step)
+
 
 class Flatten(Layer):
     def ibp(self, box: Interval, pert: Perturbation) -> Interval:
@@ -109,7 +142,7 @@ class Flatten(Layer):
 
     def backward(self, bound: LinearBound, pert: Perturbation) -> LinearBound:
         lead = bound.A.shape[: bound.A.ndim - len(self.out_shape)]
-        return LinearBound(bound.A.reshape(*lead, *self.in_shape), bound.const)
+        return LinearBound(bound.A.reshape(*lead, *self.in_shape), bound.const, bound.slack)
 
     def perturbed(self, h: Tensor) -> Tensor:
         return h.flatten(1)
@@ -150,34 +183,70 @@ class Affine(Layer):
         """The transpose of ``apply_ones``."""
         return self.apply_t(A, torch.ones_like(self.weight(A)))
 
+    @property
+    def fan_in(self) -> int:
+        """Terms of one output's dot product: the inputs of one neuron or one kernel."""
+        return self.module.weight[0].numel()
+
     def ibp(self, box: Interval, pert: Perturbation) -> Interval:
-        W = self.weight(box.lower)
-        center = self.apply(box.center, W) + self.bias_map(box.lower)
-        radius = self.apply(box.radius, W.abs())
-        if pert.eps_weight:
-            # Σ_j max(|l_j|, |u_j|) over each output's receptive field bounds Σ_j |ΔW_ij x_j| / eps_w.
-            # max(-l, u) equals max(|l|, |u|) whenever l <= u, with fewer passes over memory.
-            mag = torch.maximum(-box.lower, box.upper)
-            radius = radius + pert.eps_weight * self.apply_ones(mag)
-        radius = radius + pert.eps_bias
-        return Interval(center - radius, center + radius)
+        """The exact interval product for a non-negative input ``[l, u]``: with
+        ``Wu = W + eps_w`` and ``Wl = W - eps_w``, ``Wu⁺ u + Wu⁻ l + b + eps_b`` above and
+        ``Wl⁺ l + Wl⁻ u + b - eps_b`` below, each term its own weight's extreme (tighter than
+        the centre-radius rule by ``eps_w (u_j - l_j)`` per term), rounded outward."""
+        lo, hi = box.lower, box.upper
+        W = self.weight(lo)
+        eps_w = rounding.ceil(pert.eps_weight, lo.dtype)
+        eps_b = rounding.ceil(pert.eps_bias, lo.dtype)
+        b = self.bias_map(lo)
+        Wu, Wl = (rounding.up(W + eps_w), rounding.down(W - eps_w)) if eps_w else (W, W)
+        upper = self.apply(hi, Wu.clamp(min=0)) + self.apply(lo, Wu.clamp(max=0)) + b
+        lower = self.apply(lo, Wl.clamp(min=0)) + self.apply(hi, Wl.clamp(max=0)) + b
+        if eps_b:
+            upper, lower = upper + eps_b, lower - eps_b
+        if rounding.enabled():
+            # 2 fan_in + 2 terms per output; |Wu|, |Wl| <= |W| + eps_w and 0 <= l <= u.
+            m = rounding.margin(
+                self.apply(hi, W.abs() + eps_w) + b.abs() + eps_b, 2 * self.fan_in + 2
+            )
+            upper, lower = rounding.up(upper + m), rounding.down(lower - m)
+        return Interval(lower, upper)
 
     def backward(self, bound: LinearBound, pert: Perturbation) -> LinearBound:
         A = bound.A
         lead = A.shape[: A.ndim - len(self.out_shape)]
         flat = A.reshape(-1, *self.out_shape)
-        A_in = self.apply_t(flat, self.weight(A))
+        W = self.weight(A)
+        eps_w = rounding.ceil(pert.eps_weight, A.dtype)
+        eps_b = rounding.ceil(pert.eps_bias, A.dtype)
+        A_in = self.apply_t(flat, W)
         l1 = None
-        if pert.eps_weight:
+        if eps_w:
             # Valid because the layer input is non-negative: min over ΔW of c^T ΔW h = -eps_w ||c||_1 1^T h
             # per output row, i.e. the transpose of an all-ones kernel applied to |c|.
-            A_in, l1 = self.sub_weight_term(A_in, flat, pert.eps_weight)
+            A_in, l1 = self.sub_weight_term(A_in, flat, eps_w)
         const = self.bias_dot(flat)
-        if pert.eps_bias:
+        if eps_b:
             if l1 is None:
                 l1 = torch.linalg.vector_norm(flat.flatten(1), 1, dim=1)
-            const = const - pert.eps_bias * l1
-        return LinearBound(A_in.reshape(*lead, *self.in_shape), bound.const + const.reshape(lead))
+            const = const - eps_b * l1
+        return LinearBound(
+            A_in.reshape(*lead, *self.in_shape),
+            bound.const + const.reshape(lead),
+            self.step_slack(bound, pert),
+        )
+
+    def step_slack(self, bound: LinearBound, pert: Perturbation) -> Tensor | None:
+        """``bound.slack`` plus the rounding error of ``backward(bound)`` over the layer input
+        ``h`` in ``[0, u_h]``: ``|A| (|W| + eps_w) u_h`` for ``A_in h`` and ``|A| (|b| + eps_b)``
+        for the constant. Per sample ``[N, S]`` even where ``A`` is shared."""
+        if not rounding.enabled():
+            return bound.slack
+        A = bound.A
+        eps_w = rounding.ceil(pert.eps_weight, A.dtype)
+        eps_b = rounding.ceil(pert.eps_bias, A.dtype)
+        u_h = self.input_box().upper
+        v = self.apply(u_h, self.weight(A).abs() + eps_w) + self.bias_map(A).abs() + eps_b
+        return _step_slack(bound, _abs_dot(A, v), math.prod(self.out_shape) + 4)
 
     def sub_weight_term(
         self, A_in: Tensor, flat: Tensor, eps: float
@@ -299,13 +368,23 @@ class Conv2d(Affine):
 
 
 class ReLU(Layer):
-    """``ĥ = relu(ẑ) + δ >= 0``, ``|δ| <= eps_a``; ``pre`` holds the bounds on ``ẑ`` once known."""
+    """``ĥ = relu(ẑ) + δ >= 0``, ``|δ| <= eps_a``; ``pre`` (its input interval) holds the bounds
+    on ``ẑ`` once known."""
 
-    pre: Interval | None = None
+    @property
+    def pre(self) -> Interval | None:
+        return self.inp
+
+    @pre.setter
+    def pre(self, box: Interval | None) -> None:
+        self.inp = box
 
     def ibp(self, box: Interval, pert: Perturbation) -> Interval:
-        lower = torch.clamp(torch.relu(box.lower) - pert.eps_act, min=0.0)
-        return Interval(lower, torch.relu(box.upper) + pert.eps_act)
+        eps = rounding.ceil(pert.eps_act, box.lower.dtype)
+        if not eps:
+            return Interval(torch.relu(box.lower), torch.relu(box.upper))
+        lower = torch.clamp(rounding.down(torch.relu(box.lower) - eps), min=0.0)
+        return Interval(lower, rounding.up(torch.relu(box.upper) + eps))
 
     def relaxation(self, pert: Perturbation) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Slopes and offsets ``(al, bl, au, bu)``, each ``[N, *shape]``, with
@@ -313,8 +392,9 @@ class ReLU(Layer):
         if self.pre is None:
             raise RuntimeError(f"layer {self.index}: pre-activation bounds are not set")
         lo, up = self.pre.lower, self.pre.upper
-        eps = pert.eps_act
-        # Lower: ĥ >= relu(ẑ - eps_a) >= al (ẑ - eps_a); adaptive slope 0 or 1 (CROWN).
+        eps = rounding.ceil(pert.eps_act, lo.dtype)
+        # Lower: ĥ >= relu(ẑ - eps_a) >= al (ẑ - eps_a); adaptive slope 0 or 1 (CROWN). Either
+        # slope is valid everywhere, so rounding in choosing it cannot break soundness.
         ls, us = lo - eps, up - eps
         al = torch.where(ls >= 0, 1.0, torch.where(us <= 0, 0.0, (us > -ls).to(lo.dtype)))
         bl = -al * eps
@@ -323,6 +403,11 @@ class ReLU(Layer):
         denom = torch.where(unstable, up - lo, torch.ones_like(up))
         au = torch.where(lo >= 0, 1.0, torch.where(unstable, up / denom, 0.0))
         bu = torch.where(unstable, -au * lo, torch.zeros_like(lo)) + eps
+        if rounding.enabled():
+            # The computed chord may sit below relu at an end of [l, u] by a few roundings of
+            # au (u - l); lift its offset by a margin for them (stable neurons are exact).
+            lift = rounding.margin(au * (up - lo).abs() + bu.abs(), 4)
+            bu = torch.where(unstable, rounding.up(bu + lift), bu)
         return al, bl, au, bu
 
     def backward(self, bound: LinearBound, pert: Perturbation) -> LinearBound:
@@ -339,7 +424,15 @@ class ReLU(Layer):
             neg.reshape(*neg.shape[: neg.ndim - len(self.in_shape)], k),
             (bu - bl).reshape(-1, k, 1),
         )
-        return LinearBound(A_in, bound.const + const.squeeze(-1))
+        slack = bound.slack
+        if rounding.enabled():
+            # Entry errors of A_in are within |A| (2|al| + |au|) and act on |ẑ| <= max(|l|, |u|);
+            # the constant's within |A| (2|bl| + |bu|).
+            al0, bl0, au0, bu0 = (t.squeeze(1) for t in (al, bl, au, bu))
+            z = torch.maximum(self.pre.lower.abs(), self.pre.upper.abs())
+            v = (2 * al0.abs() + au0.abs()) * z + 2 * bl0.abs() + bu0.abs()
+            slack = _step_slack(bound, _abs_dot(A, v), k + 4)
+        return LinearBound(A_in, bound.const + const.squeeze(-1), slack)
 
     def perturbed(self, h: Tensor, dA: Tensor | None = None) -> Tensor:
         """``relu(h) + dA``, clamped at 0: the nominal output is there, so clamping only shrinks

@@ -12,6 +12,7 @@ Shape letters: ``N`` samples, ``C`` classes.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qlib.bounds import rounding
 from qlib.bounds.layers import ReLU, layers
 from qlib.bounds.propagation import (
     CrownOptions,
@@ -144,6 +146,10 @@ def logit_bounds(
     """Lower and upper bounds, each ``[N, C]``, on the logits of every perturbed network.
 
     ``X`` [N, *input_shape] in [0, 1]; ``method``: a name of ``available_methods()``;
+    ``dtype``: float64 by default, because float32's rigorous rounding margins cost 0.2-0.3 %
+    of width on the book's 4x256 MLP for a 2x speed-up (see the package docstring); a float64
+    model is always bounded in float64, and float32 bounds that overflow are recomputed in
+    float64 with a warning.
     ``options``: the method's own (``CrownOptions`` for ``"crown"``, ``FastOptions`` for
     ``"crown-fast"``). ``differentiable=True`` keeps the autograd graph to the model parameters
     (for certified training). ``chunk`` samples are processed at a time (default: sized to bound
@@ -151,9 +157,36 @@ def logit_bounds(
     """
     fn = _check_method(method, options)
     _check_inputs(model, X, pert)
+    dtype = _bound_dtype(model, dtype)
     start = time.perf_counter()
-    lower, upper = fn(model, X, pert, options, dtype, differentiable, chunk)
+    # Training needs gradients, not certificates: no margins on the differentiable path.
+    with rounding.outward(rounding.enabled() and not differentiable):
+        lower, upper = fn(model, X, pert, options, dtype, differentiable, chunk)
+        if dtype == torch.float32 and not (lower.isfinite().all() and upper.isfinite().all()):
+            warnings.warn(
+                "bounds overflowed float32 (eps too large for this network); computed again "
+                "in float64",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            lower, upper = fn(model, X, pert, options, torch.float64, differentiable, chunk)
     return LogitBounds(lower, upper, method, time.perf_counter() - start)
+
+
+def _bound_dtype(model: nn.Module, dtype: torch.dtype) -> torch.dtype:
+    """The dtype to compute in, after checking the weights: they must be finite, and they must
+    convert exactly (a float64 model is bounded in float64 whatever ``dtype`` asks for, since
+    rounding its weights to float32 would bound a different network; float16 and bfloat16
+    weights convert exactly to either)."""
+    rounding.check_arithmetic(dtype)
+    for name, p in model.named_parameters():
+        if not p.dtype.is_floating_point:
+            raise ValueError(f"parameter {name!r} has dtype {p.dtype}; expected a float type")
+        if not torch.isfinite(p).all():
+            raise ValueError(f"parameter {name!r} of the model is not finite (NaN or infinity)")
+        if p.dtype == torch.float64:
+            dtype = torch.float64
+    return dtype
 
 
 def _propagate(
@@ -234,8 +267,9 @@ def margin_bounds(
             model, X, pert, method, options=options, dtype=dtype, chunk=chunk
         )
         y = check_labels(y, len(X), lower.shape[1])
-        naive = lower.gather(1, y[:, None]) - upper
+        naive = rounding.down(lower.gather(1, y[:, None]) - upper)
         return naive.masked_fill(F.one_hot(y, lower.shape[1]).bool(), float("inf"))
+    dtype = _bound_dtype(model, dtype)
     net = layers(model, X.shape[1:])
     classes = numel(net[-1].out_shape)
     if len(net[-1].out_shape) != 1:
@@ -257,7 +291,7 @@ def margin_bounds(
             low = backsubstitute(net, len(net) - 1, spec, boxes, pert, stop=stop)
             logits = Interval(low[:, classes : 2 * classes], -low[:, 2 * classes :])
             logits = logits.intersect(boxes[-1])
-            naive = logits.lower.gather(1, ys[:, None]) - logits.upper
+            naive = rounding.down(logits.lower.gather(1, ys[:, None]) - logits.upper)
             margin = torch.maximum(low[:, :classes], naive)
             out.append(margin.masked_fill(F.one_hot(ys, classes).bool(), float("inf")))
     return torch.cat(out)

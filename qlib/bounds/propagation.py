@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from qlib.bounds import rounding
 from qlib.bounds.layers import Affine, Flatten, Layer, ReLU
 from qlib.bounds.values import Interval, LinearBound
 from qlib.quant import Perturbation
@@ -77,10 +78,14 @@ class FastOptions:
 
 
 def input_box(X: Tensor, pert: Perturbation, dtype: torch.dtype = torch.float64) -> Interval:
-    """``[clamp(x - eps_x, 0, 1), clamp(x + eps_x, 0, 1)]`` for ``X`` [N, *shape] in [0, 1]."""
+    """``[clamp(x - eps_x, 0, 1), clamp(x + eps_x, 0, 1)]`` for ``X`` [N, *shape] in [0, 1],
+    rounded outward."""
     X = X.to(dtype)
+    eps = rounding.ceil(pert.eps_input, dtype)
+    if not eps:
+        return Interval(X, X)
     return Interval(
-        torch.clamp(X - pert.eps_input, 0.0, 1.0), torch.clamp(X + pert.eps_input, 0.0, 1.0)
+        torch.clamp(rounding.down(X - eps), 0.0, 1.0), torch.clamp(rounding.up(X + eps), 0.0, 1.0)
     )
 
 
@@ -94,15 +99,19 @@ def backsubstitute(
 ) -> Tensor:
     """Lower bounds ``[N, S]`` of ``A · out(net[top]) + const`` by back-substitution to the input of
     ``net[stop]``, whose interval ``boxes[stop]`` finishes the bound. ``boxes[i]`` is the input
-    interval of layer ``i``; ReLU layers between must have ``pre`` set."""
+    interval of layer ``i``; the layers between must have their input intervals set
+    (``forward_bounds``). The result is rounded outward: the slack of every step and the
+    rounding of this final concretisation are subtracted."""
     for layer in reversed(net[stop : top + 1]):
         bound = layer.backward(bound, pert)
     box = boxes[stop]
     A = bound.A
     n = box.lower.shape[0]
-    # A⁺ l + A⁻ u = A l + A⁻ (u - l): one clamp, two matmuls.
-    lo, width = box.lower.reshape(n, -1), box.width.reshape(n, -1)
-    if A.ndim == box.lower.ndim:  # shared [S, *shape]: one matmul for all samples
+    # A⁺ l + A⁻ u = A l + A⁻ (u - l): one clamp, two matmuls. The width is rounded up, so that
+    # A⁻ (u - l) never comes out above its exact value.
+    lo, width = box.lower.reshape(n, -1), rounding.up(box.width).reshape(n, -1)
+    shared = A.ndim == box.lower.ndim  # [S, *shape]: one matmul for all samples
+    if shared:
         A2 = A.flatten(1)
         low = lo @ A2.T + width @ torch.clamp(A2, max=0.0).T
     else:
@@ -111,7 +120,16 @@ def backsubstitute(
             torch.clamp(A2, max=0.0), width.unsqueeze(2)
         )
         low = low.squeeze(2)
-    return low + bound.const
+    low = low + bound.const
+    if not rounding.enabled():
+        return low
+    # The layer input is non-negative, so |A| l + |A⁻| (u - l) <= |A| u.
+    hi = box.upper.reshape(n, -1)
+    abs_value = hi @ A2.abs().T if shared else torch.bmm(A2.abs(), hi.unsqueeze(2)).squeeze(2)
+    slack = rounding.margin(abs_value + bound.const.abs(), A2.shape[-1] + 2)
+    if bound.slack is not None:
+        slack = rounding.up(slack + bound.slack)
+    return rounding.down(low - slack)
 
 
 def identity_spec(shape: tuple[int, ...], like: Tensor) -> LinearBound:
@@ -176,8 +194,8 @@ def forward_bounds(
     if intermediate_layers is not None:
         hidden = hidden[len(hidden) - intermediate_layers :] if intermediate_layers > 0 else []
     for i, layer in enumerate(net):
+        layer.inp = boxes[-1]
         if isinstance(layer, ReLU):
-            layer.pre = boxes[-1]
             box = layer.ibp(boxes[-1], pert)
             ibp = layer.ibp(ibp, pert)
         else:
@@ -260,8 +278,10 @@ def _hidden_bounds(
     # The rows e_j (lower) and -e_j (upper) pass the affine layer itself the same way for every
     # sample: do that once for all neurons, then gather each sample's rows. Padding rows point at
     # a dummy neuron k whose rows are zero.
+    spec = identity_spec(layer.out_shape, lo)
     if cache is None or ("rows", i) not in cache:
-        shared = layer.backward(identity_spec(layer.out_shape, lo), pert)
+        with rounding.outward(False):  # the rows are shared; their slack is per sample, below
+            shared = layer.backward(spec, pert)
         A = shared.A.reshape(2, k, -1)
         A = torch.cat([A, A.new_zeros(2, 1, A.shape[-1])], 1)
         const = torch.cat([shared.const.reshape(2, k), shared.const.new_zeros(2, 1)], 1)
@@ -270,9 +290,15 @@ def _hidden_bounds(
     else:
         A, const = cache["rows", i]
     rows = torch.cat([A[0][idx_lo], A[1][idx_up]], 1)
+    slack = None
+    step = layer.step_slack(spec, pert)  # [n, 2k] for this chunk's input intervals
+    if step is not None:
+        step = torch.cat([step.reshape(n, 2, k), step.new_zeros(n, 2, 1)], 2)
+        slack = torch.cat([step[:, 0].gather(1, idx_lo), step[:, 1].gather(1, idx_up)], 1)
     bound = LinearBound(
         rows.reshape(n, rows.shape[1], *layer.in_shape),
         torch.cat([const[0][idx_lo], const[1][idx_up]], 1),
+        slack,
     )
     low = backsubstitute(net, i - 1, bound, boxes, pert, stop=stop)
     pad = lo.new_zeros(n, 1)
@@ -296,8 +322,9 @@ def _fast_rows(
     """
     if ("weight", i) not in cache:
         spec = identity_spec(net[-1].out_shape, box.lower)
-        for layer in reversed(net[i + 2 :]):  # past the last ReLU (net[i + 1]): shared rows
-            spec = layer.backward(spec, pert)
+        with rounding.outward(False):  # a score, not a bound
+            for layer in reversed(net[i + 2 :]):  # past the last ReLU (net[i + 1]): shared rows
+                spec = layer.backward(spec, pert)
         cache["weight", i] = spec.A.flatten(1).abs().sum(0)  # [k]
     weight = cache["weight", i]
     lo, up = box.lower.flatten(1), box.upper.flatten(1)

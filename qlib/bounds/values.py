@@ -41,11 +41,15 @@ class Interval:
 
 @dataclass(frozen=True)
 class LinearBound:
-    """``S`` linear lower bounds ``A · v + const`` on functions of a layer variable ``v``.
+    """``S`` linear lower bounds ``A · v + const - slack`` on functions of a layer variable ``v``.
 
     ``A`` is ``[N, S, *shape]`` (per sample) or ``[S, *shape]`` (shared by all samples, as long as
-    no ReLU has been crossed); ``const`` is ``[N, S]`` or ``[S]``.
+    no ReLU has been crossed); ``const`` is ``[N, S]`` or ``[S]``. ``slack`` (``[N, S]``, or None
+    for zero) is the rounding error accumulated by the floating-point steps that produced ``A``
+    and ``const``: subtracting it keeps the bound sound for the numbers actually computed
+    (``qlib.bounds.rounding``).
     """
 
     A: Tensor
     const: Tensor
+    slack: Tensor | None = None

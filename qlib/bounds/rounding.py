@@ -1,0 +1,109 @@
+"""Outward rounding: the margins that make every bound hold for the floating-point numbers computed.
+
+The model of arithmetic (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed.,
+section 3.1): IEEE 754 binary32 or binary64 with round-to-nearest, unit roundoff ``u`` (2^-24 or
+2^-53). A dot product or sum of ``n`` terms, evaluated in *any* order (so the BLAS's blocking,
+threading and fused multiply-adds do not matter), satisfies
+
+    |fl(a . b) - a . b| <= gamma_n |a| . |b|,    gamma_n = n u / (1 - n u),
+
+as long as nothing underflows; each operation adds at most half the smallest subnormal ``eta``
+in absolute terms when something does. A bound computed in floating point therefore becomes
+sound by subtracting (lower) or adding (upper) ``gamma_n`` times the same expression evaluated on
+absolute values, which costs one extra product of absolute values per step. That margin is
+itself computed in floating point, so its factor is ``gamma_n (1 + 2 gamma_{n+1})`` (the
+computed sum of absolute values is at least ``1 - gamma_n`` times the exact one), plus ``n eta``;
+single operations (``x + eps``) are rounded outward to the neighbouring float with
+``nextafter``, which bounds a round-to-nearest result from the right side.
+
+Not covered, and refused where they can be detected: reduced-precision matrix products
+(``torch.set_float32_matmul_precision`` other than ``"highest"``, TF32 on GPUs), and
+flush-to-zero modes. The attack and the training losses are not bounds and use no margins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_arithmetic", "ceil", "down", "enabled", "factor", "margin", "outward", "up"]
+
+_ENABLED = True
+
+
+@contextlib.contextmanager
+def outward(on: bool) -> Iterator[None]:
+    """Switch the margins on or off inside the block; off exists only so that tests can show
+    what goes wrong without them (a bound computed with them off is not a certificate)."""
+    global _ENABLED
+    old, _ENABLED = _ENABLED, on
+    try:
+        yield
+    finally:
+        _ENABLED = old
+
+
+def enabled() -> bool:
+    return _ENABLED
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """``u`` of a floating-point format: half the distance from 1 to the next number."""
+    return torch.finfo(dtype).eps / 2
+
+
+def factor(n: int, dtype: torch.dtype) -> float:
+    """A Python float ``c`` such that ``fl(c * fl(S))`` bounds ``gamma_n`` times the exact value
+    of a non-negative sum ``S`` of at most ``n`` terms: ``gamma_n (1 + 2 gamma_{n+1})``, rounded
+    up (``fl(S) >= S (1 - gamma_n)`` and the product loses at most one more ``u``)."""
+    u = unit_roundoff(dtype)
+    if (n + 1) * u >= 0.01:
+        raise ValueError(f"{n} terms are too many for a rounding bound in {dtype}")
+
+    def gamma(k: int) -> float:
+        return k * u / (1 - k * u)
+
+    return gamma(n) * (1 + 2 * gamma(n + 1)) * (1 + 1e-6)
+
+
+def margin(abs_value: Tensor, n: int) -> Tensor:
+    """An upper bound on the rounding error of an ``n``-term expression whose evaluation on
+    absolute values is ``abs_value`` (>= 0, same dtype); zero when margins are off."""
+    if not _ENABLED:
+        return torch.zeros_like(abs_value)
+    tiny = torch.finfo(abs_value.dtype).smallest_normal * torch.finfo(abs_value.dtype).eps
+    return abs_value * factor(n, abs_value.dtype) + (n + 8) * tiny
+
+
+def up(x: Tensor) -> Tensor:
+    """The next float above ``x``: an upper bound of the exact result of the one rounded
+    operation that produced ``x``."""
+    return torch.nextafter(x, x.new_tensor(float("inf"))) if _ENABLED else x
+
+
+def down(x: Tensor) -> Tensor:
+    """The next float below ``x``."""
+    return torch.nextafter(x, x.new_tensor(float("-inf"))) if _ENABLED else x
+
+
+def ceil(value: float, dtype: torch.dtype) -> float:
+    """The smallest number of ``dtype`` that is >= ``value`` (a radius must never shrink when
+    it is converted to the format the bounds are computed in)."""
+    t = torch.tensor(value, dtype=dtype)
+    if float(t) < value:
+        t = torch.nextafter(t, torch.tensor(float("inf"), dtype=dtype))
+    return float(t)
+
+
+def check_arithmetic(dtype: torch.dtype) -> None:
+    """Refuse settings under which the rounding model above does not hold."""
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"bounds are computed in float32 or float64, got {dtype}")
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        raise RuntimeError(
+            "float32 bounds need torch.set_float32_matmul_precision('highest'): reduced-precision "
+            f"products ({torch.get_float32_matmul_precision()!r}) void the rounding margins"
+        )

@@ -1,0 +1,199 @@
+"""Bounds that hold for the floating-point numbers computed: exact rational arithmetic as referee.
+
+The reference computations here use Python's ``fractions`` on the very float values the network
+holds, so they are the true values of the rules, with no rounding at all.
+"""
+
+from __future__ import annotations
+
+import itertools
+from fractions import Fraction
+
+import pytest
+import torch
+from torch import nn
+
+from qlib import bounds
+from qlib.bounds import rounding
+from qlib.quant import Perturbation
+
+F = Fraction
+
+
+def _mlp(weights: list[tuple[list[list[float]], list[float]]], dtype) -> nn.Sequential:
+    mods: list[nn.Module] = []
+    for i, (W, b) in enumerate(weights):
+        lin = nn.Linear(len(W[0]), len(W)).to(dtype)
+        with torch.no_grad():
+            lin.weight.copy_(torch.tensor(W, dtype=dtype))
+            lin.bias.copy_(torch.tensor(b, dtype=dtype))
+        mods += [lin] if i == len(weights) - 1 else [lin, nn.ReLU()]
+    return nn.Sequential(*mods)
+
+
+def _exact_params(model: nn.Sequential) -> list[tuple[list[list[F]], list[F]]]:
+    out = []
+    for m in model:
+        if isinstance(m, nn.Linear):
+            W = [[F(float(w)) for w in row] for row in m.weight.detach().double()]
+            out.append((W, [F(float(v)) for v in m.bias.detach().double()]))
+    return out
+
+
+def _exact_ibp(model, x: list[F], pert: Perturbation) -> tuple[list[F], list[F]]:
+    """The exact interval product and ReLU rule of ``qlib.bounds`` in rational arithmetic."""
+    ex, ew, eb, ea = (F(pert.eps_input), F(pert.eps_weight), F(pert.eps_bias), F(pert.eps_act))
+    lo = [max(F(0), v - ex) for v in x]
+    hi = [min(F(1), v + ex) for v in x]
+    params = _exact_params(model)
+    for k, (W, b) in enumerate(params):
+        nl, nh = [], []
+        for row, bias in zip(W, b, strict=True):
+            up = sum(
+                max(w + ew, 0) * u + min(w + ew, 0) * low
+                for w, u, low in zip(row, hi, lo, strict=True)
+            )
+            dn = sum(
+                max(w - ew, 0) * low + min(w - ew, 0) * u
+                for w, u, low in zip(row, hi, lo, strict=True)
+            )
+            nh.append(up + bias + eb)
+            nl.append(dn + bias - eb)
+        if k < len(params) - 1:
+            lo = [max(F(0), max(v, F(0)) - ea) for v in nl]
+            hi = [max(v, F(0)) + ea for v in nh]
+        else:
+            lo, hi = nl, nh
+    return lo, hi
+
+
+def _exact_crown_lower(
+    model, x: list[F], pert: Perturbation, relax: list[tuple], row: list[F]
+) -> F:
+    """The exact minimum over the input box of the linear relaxation of ``row · logits`` that
+    uses, for each ReLU, the given relaxation ``(al, bl, au, bu)`` (the float one, read exactly)."""
+    ex, ew, eb = F(pert.eps_input), F(pert.eps_weight), F(pert.eps_bias)
+    params = _exact_params(model)
+    A, const = list(row), F(0)
+    for k in range(len(params) - 1, -1, -1):
+        W, b = params[k]
+        l1 = sum(abs(a) for a in A)
+        const += sum(a * bb for a, bb in zip(A, b, strict=True)) - eb * l1
+        A = [sum(A[o] * W[o][j] for o in range(len(W))) - ew * l1 for j in range(len(W[0]))]
+        if k == 0:
+            break
+        al, bl, au, bu = relax[k - 1]
+        const += sum(a * (bl[j] if a >= 0 else bu[j]) for j, a in enumerate(A))
+        A = [a * (al[j] if a >= 0 else au[j]) for j, a in enumerate(A)]
+    lo = [max(F(0), v - ex) for v in x]
+    hi = [min(F(1), v + ex) for v in x]
+    return const + sum(a * (low if a >= 0 else up) for a, low, up in zip(A, lo, hi, strict=True))
+
+
+# Weights chosen for cancellation: large terms of both signs next to small ones.
+NETS = {
+    "cancelling": [
+        ([[1e8, -1e8, 0.1], [0.5, 0.25, -0.75], [-3e7, 3e7 + 1, 2.0]], [0.1, -0.2, 1e-3]),
+        ([[1.0, -1.0, 1e-4], [2.5, -2.5, 3.0]], [0.0, -1e-7]),
+    ],
+    "random": None,
+}
+
+
+def _random_net(seed: int) -> list:
+    g = torch.Generator().manual_seed(seed)
+    sizes = [4, 5, 4, 3]
+    return [
+        ((torch.randn(o, i, generator=g) * 2).tolist(), (torch.randn(o, generator=g)).tolist())
+        for i, o in itertools.pairwise(sizes)
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["cancelling", "random0", "random1"])
+def test_float_bounds_contain_the_exact_ones(case: str, dtype):
+    spec = NETS["cancelling"] if case == "cancelling" else _random_net(int(case[-1]))
+    model = _mlp(spec, dtype)
+    x_t = torch.tensor([[0.3, 0.9, 0.55, 0.1][: len(spec[0][0][0])]], dtype=dtype)
+    x = [F(float(v)) for v in x_t[0].double()]
+    for pert in (Perturbation.uniform(2.0**-10), Perturbation(0.0, 1e-3, 1e-3, 0.0)):
+        # IBP: inclusion-monotone, so the float interval must contain the exact one.
+        lo, hi = bounds.logit_bounds(model, x_t, pert, "ibp", dtype=dtype)
+        ex_lo, ex_hi = _exact_ibp(model, x, pert)
+        for j in range(len(ex_lo)):
+            assert F(float(lo[0, j])) <= ex_lo[j] and ex_hi[j] <= F(float(hi[0, j])), (pert, j)
+        # Linear bounds: given the float pre-activation boxes (exact numbers), the float bound
+        # must lie below the exact minimum of the same relaxation.
+        net = bounds.layers(model, x_t.shape[1:])
+        boxes = bounds.forward_bounds(net, x_t.to(dtype), pert, "crown-ibp")
+        relax = [
+            tuple([F(float(v)) for v in t[0].double()] for t in layer.relaxation(pert))
+            for layer in net
+            if isinstance(layer, bounds.ReLU)
+        ]
+        eye = torch.eye(len(ex_lo), dtype=dtype)
+        spec_rows = bounds.LinearBound(
+            torch.cat([eye, -eye]), torch.zeros(2 * len(ex_lo), dtype=dtype)
+        )
+        low = bounds.backsubstitute(net, len(net) - 1, spec_rows, boxes, pert)
+        for s, row in enumerate(torch.cat([eye, -eye]).tolist()):
+            exact = _exact_crown_lower(model, x, pert, relax, [F(r) for r in row])
+            assert F(float(low[0, s])) <= exact, (pert, s)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp"])
+def test_without_the_margin_a_bound_is_wrong(method: str, dtype):
+    """``1 + 2^p - 2^p`` sums to 0 or 1 depending on the order; with every eps zero the bounds
+    collapse onto the computed logits, so without margins some logit's interval misses its
+    exact value (1), whatever order the BLAS sums in. With margins none does."""
+    big = 2 / torch.finfo(dtype).eps  # 2^24 or 2^53: 1 + big rounds to big
+    rows = [list(p) for p in itertools.permutations([1.0, big, -big])]
+    model = _mlp([(rows, [0.0] * len(rows))], dtype)
+    x = torch.ones(1, 3, dtype=dtype)
+    pert = Perturbation()
+    with rounding.outward(False):
+        lo, hi = bounds.logit_bounds(model, x, pert, method, dtype=dtype)
+    assert ((lo > 1) | (hi < 1)).any(), "no permutation exposed the rounding: test is vacuous"
+    lo, hi = bounds.logit_bounds(model, x, pert, method, dtype=dtype)
+    assert (lo <= 1).all() and (hi >= 1).all()
+
+
+def test_float32_is_a_sound_and_close_bound():
+    """float32 bounds carry float32 margins (gamma_n with u = 2^-24): never tighter than the
+    float64 ones by more than float64's own margin, and looser by a small relative amount."""
+    torch.manual_seed(0)
+    model = _mlp(_random_net(3), torch.float32)
+    X = torch.rand(16, 4)
+    pert = Perturbation.uniform(2.0**-8)
+    for method in bounds.METHODS:
+        b32 = bounds.logit_bounds(model, X, pert, method, dtype=torch.float32)
+        b64 = bounds.logit_bounds(model, X, pert, method, dtype=torch.float64)
+        assert b32.lower.dtype == torch.float32
+        width = (b64.upper - b64.lower).mean()
+        looser = (b32.upper - b32.lower).double().mean() / width - 1
+        assert -1e-9 <= looser <= 1e-3, (method, looser.item())
+
+
+def test_bad_models_and_overflow():
+    X = torch.rand(2, 4)
+    pert = Perturbation.uniform(1e-3)
+    model = _mlp(_random_net(0), torch.float32)
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"parameter '0.weight' of the model is not finite"):
+        bounds.logit_bounds(model, X, pert)
+    # A float64 model is bounded in float64 even when float32 is asked for.
+    m64 = _mlp(_random_net(0), torch.float64)
+    assert bounds.logit_bounds(m64, X, pert, dtype=torch.float32).lower.dtype == torch.float64
+    # Half-precision weights convert exactly: bounded as they are.
+    half = _mlp(_random_net(0), torch.float32).to(torch.bfloat16)
+    lo, hi = bounds.logit_bounds(half, X.to(torch.bfloat16), pert, "crown")
+    assert lo.dtype == torch.float64 and (lo <= hi).all()
+    # An eps that overflows float32 falls back to float64 with a warning.
+    deep = _mlp([([[1e5] * 4] * 4, [0.0] * 4)] * 6 + [([[1e5] * 4], [0.0])], torch.float32)
+    with pytest.warns(RuntimeWarning, match="overflowed float32"):
+        res = bounds.logit_bounds(deep, X, Perturbation.uniform(0.5), "ibp", dtype=torch.float32)
+    assert res.lower.dtype == torch.float64 and res.upper.isfinite().all()
+    with pytest.raises(ValueError, match="float32 or float64"):
+        bounds.logit_bounds(model, X, pert, dtype=torch.float16)
