@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import time
 
 import pytest
@@ -82,30 +83,52 @@ def test_failing_notebook_is_reported_with_its_cell_and_rerun(tmp_path):
     assert book.execute("fail", "quick", **kwargs).status == "failed"  # never cached as done
 
 
+def _needs(tool: str, found: bool, install: str):
+    """Skip without ``tool`` on a developer's machine; fail in CI, whose set-up installs it."""
+    if found:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{tool} is missing in CI: tools/sysdeps.sh installs {install}")
+    pytest.skip(f"{tool} is not installed (apt-get install {install}, or make setup)")
+
+
+@pytest.fixture(scope="module")
+def staged_book(executed_dir, tmp_path_factory):
+    """The quick-profile book laid out from the notebooks the tests above executed."""
+    for stem in STEMS:  # executes only when these tests run without the notebook tests
+        if not (executed_dir / f"{stem}.ipynb").is_file():
+            book.execute(stem, "quick", out_dir=executed_dir)
+    return book.stage_book(executed_dir, tmp_path_factory.mktemp("book"))
+
+
 @pytest.mark.notebook
-def test_book_reads_offline_in_headless_chromium(executed_dir, tmp_path):
+def test_book_goes_to_pdf(staged_book, capsys):
+    """make pdf on the quick book: a PDF with no LaTeX error in any chapter, copied into the
+    HTML book where the intro links to it."""
+    latex = all(shutil.which(t) for t in ("latexmk", "xelatex"))
+    _needs("LaTeX (latexmk, xelatex)", latex, "latexmk texlive-xetex texlive-latex-extra")
+    start = time.perf_counter()
+    pdf = book.build_pdf(staged_book)
+    out = capsys.readouterr().out
+    print(out, f"PDF build {time.perf_counter() - start:.1f} s")
+    assert pdf is not None and pdf.stat().st_size > 10_000, out
+    assert "LaTeX errors" not in out, out
+    assert (staged_book / "_build" / "html" / book.PDF_NAME).is_file()
+
+
+@pytest.mark.notebook
+def test_book_reads_offline_in_headless_chromium(staged_book):
     """The quick-profile book, built from the notebooks executed above, read from disk with no
     network: every page loads, its math is typeset, its images load, no output shows a
     traceback and the sidebar lists every chapter. Screenshots land in _build/screenshots/."""
-    if bookcheck.find_chromium() is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(
-                "chromium and chromium-driver are missing in CI: tools/sysdeps.sh installs them"
-            )
-        pytest.skip(
-            "chromium and chromium-driver are not installed (apt-get install chromium "
-            "chromium-driver, or make setup); the browser test needs them"
-        )
-    for stem in STEMS:  # only when this test runs without the notebook tests before it
-        if not (executed_dir / f"{stem}.ipynb").is_file():
-            book.execute(stem, "quick", out_dir=executed_dir)
+    _needs("headless Chromium", bookcheck.find_chromium() is not None, "chromium chromium-driver")
     start = time.perf_counter()
-    source = book.stage_book(executed_dir, tmp_path / "book")
-    html = book.build_html(source)
+    html = book.build_html(staged_book)
     built = time.perf_counter()
-    checks = bookcheck.check_book(html, source / "_toc.yml", book.ROOT / "_build" / "screenshots")
+    toc = staged_book / "_toc.yml"
+    checks = bookcheck.check_book(html, toc, book.ROOT / "_build" / "screenshots")
     print(f"HTML build {built - start:.1f} s, browser checks {time.perf_counter() - built:.1f} s")
-    assert len(checks) == len(bookcheck.toc_pages(source / "_toc.yml"))
+    assert len(checks) == len(bookcheck.toc_pages(toc))
     problems = {c.page: c.problems for c in checks if c.problems}
     assert not problems, problems
     assert sum(c.math for c in checks) > 0 and sum(c.images for c in checks) > 0
