@@ -2,8 +2,9 @@
 
 For every page of ``_toc.yml`` it checks that the page loads from disk, that its mathematics is
 typeset by the MathJax shipped inside the book (no raw ``\\(`` or ``\\[`` left), that every image
-has loaded, that no output cell shows a traceback, that the sidebar lists every chapter, that no
-script failed and that nothing was fetched from outside the book; and it saves a screenshot.
+has loaded, that no output cell shows a traceback or runs off the right edge, that the sidebar
+lists every chapter, that no script failed and that nothing was fetched from outside the book;
+and it saves a screenshot.
 
 Uses Debian's ``chromium`` and ``chromium-driver`` through selenium (no browser download). Command
 line: ``python -m qlib.book check [HTML_DIR]``.
@@ -98,6 +99,8 @@ const done = arguments[arguments.length - 1];
     raw: ['\\\\(', '\\\\[', '$$'].filter(d => text.includes(d)),
     images: imgs.length,
     broken: imgs.filter(i => !(i.naturalWidth > 0)).map(i => i.getAttribute('src')),
+    overflowing: outputs.flatMap(o => Array.from(o.querySelectorAll('pre')))
+        .filter(p => p.scrollWidth > p.clientWidth + 1).length,
     tracebacks: outputs.filter(o => o.querySelector('.traceback') ||
         /Traceback \\(most recent call last\\)|An Exception was encountered/.test(o.textContent))
         .length,
@@ -180,6 +183,8 @@ def _check_page(browser, html_dir: Path, page: str, wanted: set[str], screenshot
         )
     if seen["broken"]:
         problems.append(f"images not loaded: {seen['broken']}")
+    if seen["overflowing"]:
+        problems.append(f"{seen['overflowing']} outputs run off the right edge")
     if seen["tracebacks"]:
         problems.append(f"{seen['tracebacks']} output cells show a traceback")
     listed = {u.split("#")[0] for u in seen["sidebar"]}

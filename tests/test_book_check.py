@@ -55,7 +55,7 @@ def checks(tmp_path_factory):
         _page(
             '<p>Inline <span class="math">\\(x^2\\)</span>.</p>'
             '<div class="math">\\[\\int_0^1 x\\,dx\\]</div><img src="pixel.png">'
-            '<div class="cell_output"><pre>ok</pre></div>'
+            f'<div class="cell_output"><pre style="white-space: pre-wrap">{"long " * 400}</pre></div>'
             "<pre>print(r'\\[ in code is fine')</pre>",
             head=f'<script defer src="{_mathjax()}"></script>',
         )
@@ -63,7 +63,8 @@ def checks(tmp_path_factory):
     (html / "ch" / "bad.html").write_text(
         _page(
             '<p>Raw <span class="math">\\(x^2\\)</span> and $$y$$.</p><img src="missing.png">'
-            '<div class="cell_output"><pre>Traceback (most recent call last):\n  ...</pre></div>',
+            '<div class="cell_output"><pre>Traceback (most recent call last):\n  ...</pre></div>'
+            f'<div class="cell_output"><pre>{"long " * 400}</pre></div>',
             head='<script src="https://cdn.example.org/mathjax.js"></script>',
         ).replace('<a href="../intro.html">-</a>', "")
     )
@@ -85,6 +86,7 @@ def test_every_fault_of_a_bad_page_is_named(checks):
     assert "1 formulas left as TeX" in problems and "'$$'" in problems
     assert "images not loaded: ['missing.png']" in problems
     assert "1 output cells show a traceback" in problems
+    assert "1 outputs run off the right edge" in problems
     assert "sidebar lacks ['intro.html']" in problems
     assert "https://cdn.example.org/mathjax.js" in problems
 
