@@ -331,7 +331,7 @@ def write_status(
     ]
     problems = [o for o in outcomes if o.status.startswith("failed") or o.status == "not executed"]
     if problems:
-        lines += ["", "Not in this book:"]
+        lines += ["", "Failed or not executed:"]
         lines += [f"- {o.stem}: {o.status}{': ' + o.error if o.error else ''}" for o in problems]
     pkgs = ["torch", "numpy", "scipy", "scikit-learn", "papermill", "jupyter-book", "matplotlib"]
     versions = []
@@ -359,7 +359,8 @@ def write_status(
         )
     if problems:
         text.append(
-            f"Missing from this build: {', '.join(o.stem for o in problems)} (see the status page)."
+            f"Failed or not executed in this build: {', '.join(o.stem for o in problems)} "
+            "(see the status page)."
         )
     text.append("Per-chapter times are on the {doc}`build status </book/status>` page.")
     total_md.write_text(" ".join(text) + "\n")

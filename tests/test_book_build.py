@@ -83,7 +83,7 @@ def test_status_page_and_intro_total_come_from_the_run(tmp_path):
     assert total.name == "build_total.md"
     assert "**4.5 min**" in text  # 150 + 90 + 30 s of notebooks
     assert "**2.7 min** of wall time and executed 1 of the 4 chapters" in text
-    assert "Missing from this build: c, d" in text
+    assert "Failed or not executed in this build: c, d" in text
     assert "{doc}`build status </book/status>`" in text
 
 
