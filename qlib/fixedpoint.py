@@ -49,10 +49,12 @@ from qlib.quant import Perturbation
 __all__ = [
     "FixedPoint",
     "LayerQuant",
+    "QuantizedInputs",
     "QuantizedMLP",
     "SimOutput",
     "PTQResult",
     "fixed_point",
+    "quantize_inputs",
     "evaluate_fixed_point",
     "ptq_sweep",
 ]
@@ -225,6 +227,26 @@ def _bias(lin: nn.Linear) -> Tensor:
     return lin.bias.detach().to(_DTYPE)
 
 
+@dataclass(frozen=True)
+class QuantizedInputs:
+    """Inputs on the ``bits``-bit signed grid with ``R = 1``: ``values`` [N, features] (float64),
+    ``errors`` [N] the largest ``|x̂ - x|`` per image, ``saturated`` the clipped pixels."""
+
+    bits: int
+    values: Tensor
+    errors: Tensor
+    saturated: int
+
+
+@torch.no_grad()
+def quantize_inputs(X: Tensor, bits: int) -> QuantizedInputs:
+    """The published input quantisation of ``X`` [N, ...] in [0, 1] (``quantizeSigned``, R = 1)."""
+    _check_bits("input_bits", bits)
+    x = X.flatten(1).to(_DTYPE)
+    h, sat = _signed(x, bits, 1.0)
+    return QuantizedInputs(bits, h, (h - x).abs_().amax(1), int(sat.sum()))
+
+
 class QuantizedMLP:
     """A ReLU MLP quantised by ``fixed_point``: quantised parameters and the layer reports."""
 
@@ -247,28 +269,31 @@ class QuantizedMLP:
         return sum(layer.saturated_biases for layer in self.layers)
 
     @torch.no_grad()
-    def forward(self, X: Tensor, batch_size: int = 10_000) -> SimOutput:
-        """Simulate ``X`` [N, C, H, W] (or [N, features]) in [0, 1]."""
+    def forward(self, X: Tensor, inputs: QuantizedInputs | None = None) -> SimOutput:
+        """Simulate ``X`` [N, C, H, W] (or [N, features]) in [0, 1]; ``inputs``: the already
+        quantised ``X`` (``quantize_inputs(X, config.input_bits)``), to share across networks."""
         cfg = self.config
-        logits, in_err, act_err, in_sat, act_sat = [], [], [], 0, 0
-        for start in range(0, len(X), batch_size):
-            x = X[start : start + batch_size].flatten(1).to(_DTYPE)
-            h, sat = _signed(x, cfg.input_bits, 1.0)
-            in_err.append((h - x).abs().amax(1))
-            in_sat += int(sat.sum())
-            act_err.append(torch.zeros(len(x), dtype=_DTYPE))
-            for (W, b), layer in zip(self.params, self.layers, strict=True):
-                z = F.linear(h, W, b)
-                if layer.act_range is None:
-                    break
-                a = torch.relu(z)
-                code = torch.round(a.clamp(max=layer.act_range) / layer.act_step)
-                top = 2.0**cfg.act_bits - 1
-                act_sat += int((code > top).sum())
-                h = code.clamp(max=top) * layer.act_step
-                act_err[-1] = torch.maximum(act_err[-1], (h - a).abs().amax(1))
-            logits.append(z)
-        return SimOutput(torch.cat(logits), torch.cat(in_err), torch.cat(act_err), in_sat, act_sat)
+        if inputs is None:
+            inputs = quantize_inputs(X, cfg.input_bits)
+        elif inputs.bits != cfg.input_bits or len(inputs.values) != len(X):
+            raise ValueError(
+                f"inputs were quantised to {inputs.bits} bits for {len(inputs.values)} images, "
+                f"the network expects {cfg.input_bits} bits for {len(X)}"
+            )
+        h = inputs.values
+        act_err = torch.zeros(len(h), dtype=_DTYPE)
+        act_sat = 0
+        top = 2.0**cfg.act_bits - 1
+        for (W, b), layer in zip(self.params, self.layers, strict=True):
+            z = torch.addmm(b, h, W.T)
+            if layer.act_range is None:
+                break
+            a = z.relu_()
+            code = a.clamp(max=layer.act_range).div_(layer.act_step).round_()
+            act_sat += int((code > top).sum())
+            h = code.clamp_(max=top).mul_(layer.act_step)
+            act_err = torch.maximum(act_err, (h - a).abs_().amax(1))
+        return SimOutput(z, inputs.errors, act_err, inputs.saturated, act_sat)
 
     __call__ = forward
 
@@ -480,18 +505,20 @@ def evaluate_fixed_point(
     method: str = "ibp",
     name: str = "model",
     reference: Tensor | None = None,
+    inputs: QuantizedInputs | None = None,
 ) -> PTQResult:
     """Quantise ``model`` with ``config``, run it on ``X`` [N, C, H, W] with labels ``y`` [N],
     and report accuracy, quantisation error and saturation; with ``certify = n > 0`` also the
     certified worst-case discrepancy of the first ``n`` images (``method`` bounds of
-    ``qlib.bounds``)."""
+    ``qlib.bounds``). ``reference`` (float logits of ``model`` on ``X``) and ``inputs``
+    (``quantize_inputs(X, config.input_bits)``) may be passed to share them across networks."""
     from qlib import bounds
 
     _check_xy(X, y)
     if isinstance(certify, bool) or not isinstance(certify, int) or certify < 0:
         raise ValueError(f"certify must be an integer >= 0, got {certify!r}")
     q = fixed_point(model, config, calib)
-    sim = q.forward(X)
+    sim = q.forward(X, inputs)
     ref = _float_reference(model, X) if reference is None else reference
     y = y.long()
     p_q, p_f = torch.softmax(sim.logits, 1), torch.softmax(ref, 1)
@@ -555,6 +582,7 @@ def ptq_sweep(
         raise ValueError("models is empty: give a mapping name -> model")
     jobs = [(name, b) for name in models for b in bits]
     refs = {name: _float_reference(m, X) for name, m in models.items()}
+    inputs = quantize_inputs(X, base.input_bits)
     out = []
     for name, b in tqdm(jobs, desc="PTQ sweep", disable=not progress, leave=False):
         cfg = replace(base, weight_bits=b, bias_bits=None)
@@ -569,6 +597,7 @@ def ptq_sweep(
                 method=method,
                 name=name,
                 reference=refs[name],
+                inputs=inputs,
             )
         )
     return out

@@ -239,10 +239,12 @@ def perturbation_between(model: nn.Module, quantized: nn.Module) -> Perturbation
 _FIXEDPOINT = (
     "FixedPoint",
     "LayerQuant",
+    "QuantizedInputs",
     "QuantizedMLP",
     "SimOutput",
     "PTQResult",
     "fixed_point",
+    "quantize_inputs",
     "evaluate_fixed_point",
     "ptq_sweep",
 )
