@@ -259,12 +259,16 @@ def _pgd(
 class AttackedDiscrepancy:
     """Discrepancies ``[N]`` attained by concrete perturbed networks (lower bounds on the truth):
     ``d`` = max found ``|p_y - p0|`` on the true-class probability, ``logit_gap`` = max found
-    ``max_j |z_j - f_j|``; ``worst`` and ``worst_logit_gap`` are the data-set maxima."""
+    ``max_j |z_j - f_j|``; ``worst`` and ``worst_logit_gap`` are the data-set maxima. ``lower``
+    and ``upper`` ``[N, classes]`` are the smallest and largest value each logit reached: the
+    inner bounds that a sound bound's width is measured against."""
 
     d: Tensor
     logit_gap: Tensor
     worst: float
     worst_logit_gap: float
+    lower: Tensor
+    upper: Tensor
 
 
 def attack_discrepancy(
@@ -287,19 +291,21 @@ def attack_discrepancy(
     p0 = torch.softmax(f, 1).gather(1, y[:, None]).squeeze(1)
     d = torch.zeros_like(p0)
     gap = torch.zeros_like(p0)
+    lo, hi = f.clone(), f.clone()
 
     def record(z: Tensor) -> None:
-        nonlocal d, gap
+        nonlocal d, gap, lo, hi
         p = torch.softmax(z, 1).gather(1, y[:, None]).squeeze(1)
         d = torch.maximum(d, (p - p0).abs())
         gap = torch.maximum(gap, (z - f).abs().amax(1))
+        lo, hi = torch.minimum(lo, z), torch.maximum(hi, z)
 
     def log_p(z: Tensor) -> Tensor:
         return torch.log_softmax(z, 1).gather(1, y[:, None]).squeeze(1)
 
     objectives = [log_p, lambda z: -log_p(z), *_logit_objectives(f.shape[1])]
     _search(model, X, pert, objectives, record, steps, restarts, vertices, bits, seed)
-    return AttackedDiscrepancy(d, gap, d.max().item(), gap.max().item())
+    return AttackedDiscrepancy(d, gap, d.max().item(), gap.max().item(), lo, hi)
 
 
 def _unflatten(template: Perturbed, flat: list[Tensor]) -> dict[str, Deltas | Tensor | None]:
