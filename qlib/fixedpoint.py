@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -415,7 +415,8 @@ class PTQResult:
     probability change (what the published F-MNIST script computes). ``certified`` [n]: the
     certified worst-case discrepancy (``qlib.bounds.worst_case_discrepancy``) of the first
     ``n`` images under ``pert``, a box that contains this quantised network (``widened``: the
-    kinds whose radius saturation pushed past half a step).
+    kinds whose radius saturation pushed past half a step). ``correct`` [N]: whether the
+    quantised network classifies each image correctly (for paired comparisons).
     """
 
     model: str
@@ -437,7 +438,7 @@ class PTQResult:
     widened: tuple[str, ...]
     certified: Tensor | None = None
     method: str | None = None
-    extra: dict = field(default_factory=dict)
+    correct: Tensor | None = None
 
     @property
     def certified_max(self) -> float | None:
@@ -559,6 +560,7 @@ def evaluate_fixed_point(
         widened=widened,
         certified=certified,
         method=method if certify else None,
+        correct=sim.logits.argmax(1) == y,
     )
 
 
