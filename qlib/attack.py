@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from qlib import bounds
 from qlib.bounds import RowDelta
-from qlib.quant import Perturbation, UniformQuantizer, symmetric_quantizer
+from qlib.quant import LayerPerturbation, Perturbation, UniformQuantizer, symmetric_quantizer
 
 __all__ = [
     "AttackedDiscrepancy",
@@ -33,6 +33,56 @@ __all__ = [
 
 
 Deltas = list[Tensor | RowDelta | None]
+AnyPerturbation = Perturbation | LayerPerturbation
+
+
+@dataclass(frozen=True)
+class _Radii:
+    """A perturbation's radii per layer: ``weight``/``bias`` per affine layer, ``act`` and
+    ``clip`` per hidden ReLU, and the input's."""
+
+    input: float
+    weight: list[float]
+    bias: list[float]
+    act: list[float]
+    clip: list[float | None]
+    input_clip: float | None
+
+
+def _radii(pert: AnyPerturbation, n_affine: int, n_relu: int) -> _Radii:
+    if isinstance(pert, Perturbation):
+        return _Radii(
+            pert.eps_input,
+            [pert.eps_weight] * n_affine,
+            [pert.eps_bias] * n_affine,
+            [pert.eps_act] * n_relu,
+            [None] * n_relu,
+            None,
+        )
+    if not isinstance(pert, LayerPerturbation):
+        raise TypeError(
+            f"pert must be a Perturbation or LayerPerturbation, got {type(pert).__name__}"
+        )
+    if pert.n_affine != n_affine or len(pert.eps_act) != n_relu:
+        raise ValueError(
+            f"LayerPerturbation has radii for {pert.n_affine} affine layers and "
+            f"{len(pert.eps_act)} hidden ReLUs, but the network has {n_affine} affine layers "
+            f"and {n_relu} hidden ReLUs"
+        )
+    return _Radii(
+        pert.eps_input,
+        list(pert.eps_weight),
+        list(pert.eps_bias),
+        list(pert.eps_act),
+        [pert.clip(j) for j in range(n_relu)],
+        pert.input_clip,
+    )
+
+
+def _net_radii(model: nn.Sequential, X: Tensor, pert: AnyPerturbation) -> _Radii:
+    net = bounds.layers(model, X.shape[1:])
+    n_affine = sum(isinstance(layer, bounds.Affine) for layer in net)
+    return _radii(pert, n_affine, sum(isinstance(layer, bounds.ReLU) for layer in net))
 
 
 @dataclass
@@ -50,7 +100,7 @@ class Perturbed:
 def perturbed_forward(
     model: nn.Sequential,
     X: Tensor,
-    pert: Perturbation,
+    pert: AnyPerturbation,
     *,
     dW: Deltas | None = None,
     db: Deltas | None = None,
@@ -62,38 +112,48 @@ def perturbed_forward(
     Raises ``ValueError`` unless every delta lies in its box (``|dW| <= eps_weight`` etc.). Inputs
     are clamped to [0, 1] and activations to >= 0 after adding the delta; since the nominal values
     lie there, clamping only shrinks the effective delta, so the network stays in the model.
+    With a ``LayerPerturbation`` each layer has its own radii, and clips apply: a clipped ReLU
+    outputs ``max(min(relu(z), c) + dA, 0)``, a clipped input ``max(min(x, c) + dX, 0)``.
     """
     net = bounds.layers(model, X.shape[1:])
     affine = [layer for layer in net if isinstance(layer, bounds.Affine)]
     relus = [layer for layer in net if isinstance(layer, bounds.ReLU)]
-    dW = _check_deltas("dW", dW, len(affine), pert.eps_weight)
-    db = _check_deltas("db", db, len(affine), pert.eps_bias)
-    dA = _check_deltas("dA", dA, len(relus), pert.eps_act)
-    (dX,) = _check_deltas("dX", [dX], 1, pert.eps_input)
+    r = _radii(pert, len(affine), len(relus))
+    dW = _check_deltas("dW", dW, len(affine), r.weight)
+    db = _check_deltas("db", db, len(affine), r.bias)
+    dA = _check_deltas("dA", dA, len(relus), r.act)
+    (dX,) = _check_deltas("dX", [dX], 1, [r.input])
     h = X.to(torch.float64)
-    if dX is not None:
+    if r.input_clip is not None:
+        h = torch.clamp(h, max=r.input_clip)
+        if dX is not None:
+            h = torch.clamp(h + dX.to(torch.float64), min=0.0)
+    elif dX is not None:
         h = torch.clamp(h + dX.to(torch.float64), 0.0, 1.0)
-    affine, relus = iter(zip(dW, db, strict=True)), iter(dA)
+    affine, relus = iter(zip(dW, db, strict=True)), iter(zip(dA, r.clip, strict=True))
     for layer in net:
         if isinstance(layer, bounds.Affine):
             h = layer.perturbed(h, *next(affine))
         elif isinstance(layer, bounds.ReLU):
-            h = layer.perturbed(h, next(relus))
+            h = layer.perturbed(h, *next(relus))
         else:
             h = layer.perturbed(h)
     return h
 
 
-def _check_deltas(name: str, deltas: Deltas | None, count: int, eps: float) -> Deltas:
+def _check_deltas(
+    name: str, deltas: Deltas | None, count: int, eps: float | Sequence[float]
+) -> Deltas:
     if deltas is None:
         return [None] * count
     deltas = list(deltas)
     if len(deltas) != count:
         raise ValueError(f"{name}: expected {count} entries, got {len(deltas)}")
-    for i, d in enumerate(deltas):
-        if d is not None and not bool((d.abs() <= eps).all()):
+    radii = [eps] * count if isinstance(eps, float | int) else list(eps)
+    for i, (d, e) in enumerate(zip(deltas, radii, strict=True)):
+        if d is not None and not bool((d.abs() <= e).all()):
             raise ValueError(
-                f"{name}[{i}] leaves its box: max |delta| {d.abs().max().item()} > {eps}"
+                f"{name}[{i}] leaves its box: max |delta| {d.abs().max().item()} > {e}"
             )
     return deltas
 
@@ -107,12 +167,18 @@ def _shapes(model: nn.Sequential, X: Tensor) -> tuple[list[tuple], list[tuple], 
 
 
 def random_vertex(
-    model: nn.Sequential, X: Tensor, pert: Perturbation, gen: torch.Generator, *, rows: bool = False
+    model: nn.Sequential,
+    X: Tensor,
+    pert: AnyPerturbation,
+    gen: torch.Generator,
+    *,
+    rows: bool = False,
 ) -> Perturbed:
     """A random vertex of every box, drawn independently per sample; with ``rows`` the weight
     deltas are ``RowDelta`` (one sign per output row: still a vertex, far cheaper on wide layers)."""
     n = len(X)
     w, b, a = _shapes(model, X)
+    r = _radii(pert, len(w), len(a))
 
     def sign(shape: tuple, eps: float) -> Tensor | None:
         if eps == 0:
@@ -120,24 +186,26 @@ def random_vertex(
         s = torch.randint(0, 2, (n, *shape), generator=gen, dtype=torch.float64)
         return (2 * s - 1) * eps
 
-    def weight(shape: tuple) -> Tensor | RowDelta | None:
-        if rows and pert.eps_weight:
-            return RowDelta(sign(shape[:1], 1.0), pert.eps_weight)
-        return sign(shape, pert.eps_weight)
+    def weight(shape: tuple, eps: float) -> Tensor | RowDelta | None:
+        if rows and eps:
+            return RowDelta(sign(shape[:1], 1.0), eps)
+        return sign(shape, eps)
 
     return Perturbed(
-        [weight(s) for s in w],
-        [sign(s, pert.eps_bias) for s in b],
-        [sign(s, pert.eps_act) for s in a],
-        sign(tuple(X.shape[1:]), pert.eps_input),
+        [weight(s, e) for s, e in zip(w, r.weight, strict=True)],
+        [sign(s, e) for s, e in zip(b, r.bias, strict=True)],
+        [sign(s, e) for s, e in zip(a, r.act, strict=True)],
+        sign(tuple(X.shape[1:]), r.input),
     )
 
 
-def rtn_deltas(model: nn.Sequential, X: Tensor, pert: Perturbation, bits: int) -> Perturbed:
+def rtn_deltas(model: nn.Sequential, X: Tensor, pert: AnyPerturbation, bits: int) -> Perturbed:
     """Real ``bits``-bit round-to-nearest quantisation (max-abs symmetric grid per tensor for
     weights and biases, unsigned grid over [0, 1] for inputs), each kind kept only where its error
     fits inside the perturbation (else left at zero). Activations stay unquantised."""
     net = bounds.layers(model, X.shape[1:])
+    r = _net_radii(model, X, pert)
+    k = 0
     dW: Deltas = []
     db: Deltas = []
 
@@ -147,16 +215,19 @@ def rtn_deltas(model: nn.Sequential, X: Tensor, pert: Perturbation, bits: int) -
     for layer in net:
         if isinstance(layer, bounds.Affine):
             W = layer.module.weight.detach().to(torch.float64)
-            dW.append(fit(symmetric_quantizer(W, bits).fake_quant(W) - W, pert.eps_weight))
+            dW.append(fit(symmetric_quantizer(W, bits).fake_quant(W) - W, r.weight[k]))
             bias = layer.module.bias
             if bias is None:
                 db.append(None)
             else:
                 b = bias.detach().to(torch.float64)
-                db.append(fit(symmetric_quantizer(b, bits).fake_quant(b) - b, pert.eps_bias))
+                db.append(fit(symmetric_quantizer(b, bits).fake_quant(b) - b, r.bias[k]))
+            k += 1
     x = X.to(torch.float64)
+    if r.input_clip is not None:
+        x = torch.clamp(x, max=r.input_clip)
     grid = UniformQuantizer(bits, 1.0 / (2**bits - 1), signed=False)
-    dX = fit(grid.fake_quant(x) - x, pert.eps_input)
+    dX = fit(grid.fake_quant(x) - x, r.input)
     relus = sum(isinstance(layer, bounds.ReLU) for layer in net)
     return Perturbed(dW, db, [None] * relus, dX)
 
@@ -164,7 +235,7 @@ def rtn_deltas(model: nn.Sequential, X: Tensor, pert: Perturbation, bits: int) -
 def attack_logits(
     model: nn.Sequential,
     X: Tensor,
-    pert: Perturbation,
+    pert: AnyPerturbation,
     *,
     steps: int = 20,
     restarts: int = 1,
@@ -195,7 +266,7 @@ def _logit_objectives(classes: int) -> list[Callable[[Tensor], Tensor]]:
 def _search(
     model: nn.Sequential,
     X: Tensor,
-    pert: Perturbation,
+    pert: AnyPerturbation,
     objectives: Sequence[Callable[[Tensor], Tensor]],
     record: Callable[[Tensor], None],
     steps: int,
@@ -223,7 +294,7 @@ def _search(
 def _pgd(
     model: nn.Sequential,
     X: Tensor,
-    pert: Perturbation,
+    pert: AnyPerturbation,
     objective: Callable[[Tensor], Tensor],
     record: Callable[[Tensor], None],
     steps: int,
@@ -232,17 +303,22 @@ def _pgd(
     """Sign-gradient ascent on ``objective(logits) -> [N]`` from a random vertex, projected onto
     the boxes; the logits ``[N, classes]`` of every network visited go to ``record``."""
     start = random_vertex(model, X, pert, gen, rows=True)
+    r = _net_radii(model, X, pert)
     # Weights are searched through their row parametrisation t in [-1, 1] (see RowDelta).
-    rows = [(d.t, 1.0) for d in start.dW if d is not None]
-    groups = [(start.db, pert.eps_bias), (start.dA, pert.eps_act), ([start.dX], pert.eps_input)]
-    params = [(d.clone().requires_grad_(True), eps) for d, eps in rows] + [
-        (d.clone().requires_grad_(True), eps) for ds, eps in groups for d in ds if d is not None
+    rows = [(d.t, 1.0, d.eps) for d in start.dW if d is not None]
+    groups = [(start.db, r.bias), (start.dA, r.act), ([start.dX], [r.input])]
+    params = [(d.clone().requires_grad_(True), eps) for d, eps, _ in rows] + [
+        (d.clone().requires_grad_(True), eps)
+        for ds, radii in groups
+        for d, eps in zip(ds, radii, strict=True)
+        if d is not None
     ]
+    row_eps = [e for _, _, e in rows]
     n_rows = len(rows)
     step = 2.5 / max(steps, 1)  # Madry et al.'s step: the box can be crossed in 40 % of the steps
     for t in range(steps + 1):
         flat = [p for p, _ in params]
-        weights = iter(RowDelta(p, pert.eps_weight) for p in flat[:n_rows])
+        weights = iter(RowDelta(p, e) for p, e in zip(flat[:n_rows], row_eps, strict=True))
         deltas = _unflatten(start, [next(weights) for _ in range(n_rows)] + flat[n_rows:])
         z = perturbed_forward(model, X, pert, **deltas)
         record(z.detach())
@@ -275,7 +351,7 @@ def attack_discrepancy(
     model: nn.Sequential,
     X: Tensor,
     y: Tensor,
-    pert: Perturbation,
+    pert: AnyPerturbation,
     *,
     steps: int = 20,
     restarts: int = 1,

@@ -190,6 +190,91 @@ class Perturbation:
         return not any(self.as_tuple())
 
 
+def _radius(name: str, value: object) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a real number, got {value!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class LayerPerturbation:
+    """Per-layer box radii: the ``Perturbation`` model with one radius per layer, and clipping.
+
+    ``eps_weight[k]`` and ``eps_bias[k]`` belong to the ``k``-th affine layer (Linear or Conv2d,
+    forward order), ``eps_act[j]`` to the ``j``-th hidden ReLU (one fewer than affine layers).
+    ``act_clip[j]`` (``None``: no clip) makes the ``j``-th hidden ReLU output
+    ``min(relu(ẑ), act_clip[j]) + δ`` with ``|δ| <= eps_act[j]``, the range of a quantiser that
+    saturates at ``act_clip[j]`` with the rounding as a box of half a step. ``input_clip``
+    likewise makes the input ``min(x, input_clip) + δ``, ``|δ| <= eps_input``, ``>= 0`` (without
+    a clip the input stays in [0, 1], as in ``Perturbation``). A uniform ``Perturbation`` is the
+    special case ``LayerPerturbation.uniform(pert, n_affine)``.
+    """
+
+    eps_input: float = 0.0
+    eps_weight: tuple[float, ...] = ()
+    eps_bias: tuple[float, ...] = ()
+    eps_act: tuple[float, ...] = ()
+    input_clip: float | None = None
+    act_clip: tuple[float | None, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "eps_input", _radius("eps_input", self.eps_input))
+        for kind in ("weight", "bias", "act"):
+            name = f"eps_{kind}"
+            values = getattr(self, name)
+            if isinstance(values, str) or not hasattr(values, "__iter__"):
+                raise ValueError(f"{name} must be a sequence of radii, got {values!r}")
+            radii = tuple(_radius(f"{name}[{i}]", v) for i, v in enumerate(values))
+            object.__setattr__(self, name, radii)
+        if len(self.eps_bias) != len(self.eps_weight):
+            raise ValueError(
+                f"eps_bias has {len(self.eps_bias)} entries, eps_weight {len(self.eps_weight)}: "
+                "both need one per affine layer"
+            )
+        if self.eps_weight and len(self.eps_act) != len(self.eps_weight) - 1:
+            raise ValueError(
+                f"eps_act has {len(self.eps_act)} entries; {len(self.eps_weight)} affine layers "
+                f"have {len(self.eps_weight) - 1} hidden ReLUs"
+            )
+        if self.input_clip is not None:
+            object.__setattr__(self, "input_clip", _radius("input_clip", self.input_clip))
+        if self.act_clip is not None:
+            clips = tuple(
+                None if c is None else _radius(f"act_clip[{j}]", c)
+                for j, c in enumerate(self.act_clip)
+            )
+            if len(clips) != len(self.eps_act):
+                raise ValueError(
+                    f"act_clip has {len(clips)} entries, expected one per hidden ReLU "
+                    f"({len(self.eps_act)})"
+                )
+            object.__setattr__(self, "act_clip", clips)
+
+    @classmethod
+    def uniform(cls, pert: Perturbation, n_affine: int) -> LayerPerturbation:
+        """``pert``'s radii repeated for a network of ``n_affine`` affine layers (no clips)."""
+        if not isinstance(n_affine, int) or n_affine < 1:
+            raise ValueError(f"n_affine must be an integer >= 1, got {n_affine!r}")
+        return cls(
+            pert.eps_input,
+            (pert.eps_weight,) * n_affine,
+            (pert.eps_bias,) * n_affine,
+            (pert.eps_act,) * (n_affine - 1),
+        )
+
+    @property
+    def n_affine(self) -> int:
+        return len(self.eps_weight)
+
+    def clip(self, j: int) -> float | None:
+        """The clip of hidden ReLU ``j`` (None: none)."""
+        return None if self.act_clip is None else self.act_clip[j]
+
+
 @torch.no_grad()
 def _max_activation(model: nn.Module, X: Tensor) -> float:
     """Largest post-ReLU value of ``model`` (an ``nn.Sequential``) on ``X`` [N, C, H, W]."""
@@ -227,6 +312,7 @@ def perturbation_between(model: nn.Module, quantized: nn.Module) -> Perturbation
         eps_w = max(eps_w, (a.weight - b.weight).abs().max().item())
         if a.bias is not None:
             eps_b = max(eps_b, (a.bias - b.bias).abs().max().item())
+
     # Round outwards so that the float32 differences lie inside the box after any re-rounding.
     def outward(v: float) -> float:
         return math.nextafter(v, math.inf) if v > 0 else 0.0

@@ -28,6 +28,13 @@ Two ways to bound the logits ``[N, classes]``:
   logits): the cost-effective middle between the two on deep MLPs (see
   ``benchmarks/bench_bounds.py``). Which rows are chosen affects only tightness, never soundness.
 
+Per-layer boxes (``qlib.quant.LayerPerturbation``): every method also takes one radius per
+affine layer and per hidden ReLU, and optional clips: a hidden ReLU with clip ``c`` outputs
+``min(relu(ẑ), c) + δ`` (a saturating quantiser; ``layers.clip_relaxation`` bounds it), an input
+clip makes the input ``min(x, c) + δ >= 0``. ``perlayer.resolve`` gives each layer its own scalar
+``Perturbation`` (``Clipped`` where a clip applies); a uniform ``Perturbation`` is passed to every
+layer unchanged.
+
 For convolutions the weight kernel is shared across positions, but the bounds let every output
 position pick its own ``ΔW``: a superset of the real networks, so sound (and only slightly loose).
 
@@ -50,7 +57,18 @@ IBP, back-substitution and concrete perturbed rules; ``layers(model, in_shape)``
 ``verified_accuracy``).
 """
 
-from qlib.bounds.layers import Affine, Conv2d, Flatten, Layer, Linear, ReLU, RowDelta, layers
+from qlib.bounds.layers import (
+    Affine,
+    Clipped,
+    Conv2d,
+    Flatten,
+    Layer,
+    Linear,
+    ReLU,
+    RowDelta,
+    clip_of,
+    layers,
+)
 from qlib.bounds.measures import (
     Discrepancy,
     Verification,
@@ -68,6 +86,7 @@ from qlib.bounds.methods import (
     margin_bounds,
     register_method,
 )
+from qlib.bounds.perlayer import Resolved, resolve
 from qlib.bounds.propagation import (
     CrownOptions,
     FastOptions,
@@ -82,6 +101,7 @@ __all__ = [
     "METHODS",
     "Affine",
     "BoundMethod",
+    "Clipped",
     "Conv2d",
     "CrownOptions",
     "Discrepancy",
@@ -94,10 +114,12 @@ __all__ = [
     "LogitBounds",
     "Method",
     "ReLU",
+    "Resolved",
     "RowDelta",
     "Verification",
     "available_methods",
     "backsubstitute",
+    "clip_of",
     "float_logits",
     "forward_bounds",
     "input_box",
@@ -105,6 +127,7 @@ __all__ = [
     "logit_bounds",
     "margin_bounds",
     "register_method",
+    "resolve",
     "unstable",
     "verified_accuracy",
     "worst_case_discrepancy",

@@ -29,7 +29,49 @@ from qlib.bounds import rounding
 from qlib.bounds.values import Interval, LinearBound
 from qlib.quant import Perturbation
 
-__all__ = ["Affine", "Conv2d", "Flatten", "Layer", "Linear", "ReLU", "RowDelta", "layers"]
+__all__ = [
+    "Affine",
+    "Clipped",
+    "Conv2d",
+    "Flatten",
+    "Layer",
+    "Linear",
+    "ReLU",
+    "RowDelta",
+    "clip_of",
+    "layers",
+]
+
+
+@dataclass(frozen=True)
+class Clipped(Perturbation):
+    """A scalar perturbation whose values are clipped at ``clip`` before ``δ`` is added:
+    ``min(v, clip) + δ``, ``|δ| <= eps``, result ``>= 0`` (for a ReLU ``v = relu(ẑ)`` and
+    ``eps = eps_act``; for the input ``v = x`` and ``eps = eps_input``): a saturating quantiser
+    with range ``clip`` whose rounding is a box of half a step. ``clip=None``: no clip."""
+
+    clip: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.clip is not None:
+            c = float(self.clip)
+            if not math.isfinite(c) or c < 0:
+                raise ValueError(f"clip must be finite and >= 0, got {self.clip!r}")
+            object.__setattr__(self, "clip", c)
+
+
+def clip_of(pert: Perturbation) -> float | None:
+    """The clip of a per-layer perturbation (None for a plain ``Perturbation``)."""
+    return pert.clip if isinstance(pert, Clipped) else None
+
+
+def floor(value: float, dtype: torch.dtype) -> float:
+    """The largest number of ``dtype`` that is <= ``value``."""
+    t = torch.tensor(value, dtype=dtype)
+    if float(t) > value:
+        t = torch.nextafter(t, torch.tensor(float("-inf"), dtype=dtype))
+    return float(t)
 
 
 @dataclass(frozen=True)
@@ -381,6 +423,17 @@ class ReLU(Layer):
 
     def ibp(self, box: Interval, pert: Perturbation) -> Interval:
         eps = rounding.ceil(pert.eps_act, box.lower.dtype)
+        clip = clip_of(pert)
+        if clip is not None:
+            # min(relu(ẑ), c) + δ >= 0 is monotone in ẑ: its ends at the ends of the box, with
+            # the clip rounded to the side that keeps the interval sound.
+            dtype = box.lower.dtype
+            lower = torch.clamp(torch.relu(box.lower), max=floor(clip, dtype))
+            upper = torch.clamp(torch.relu(box.upper), max=rounding.ceil(clip, dtype))
+            if eps:
+                lower = torch.clamp(rounding.down(lower - eps), min=0.0)
+                upper = rounding.up(upper + eps)
+            return Interval(lower, upper)
         if not eps:
             return Interval(torch.relu(box.lower), torch.relu(box.upper))
         lower = torch.clamp(rounding.down(torch.relu(box.lower) - eps), min=0.0)
@@ -393,6 +446,9 @@ class ReLU(Layer):
             raise RuntimeError(f"layer {self.index}: pre-activation bounds are not set")
         lo, up = self.pre.lower, self.pre.upper
         eps = rounding.ceil(pert.eps_act, lo.dtype)
+        clip = clip_of(pert)
+        if clip is not None:
+            return clip_relaxation(lo, up, clip, eps)
         # Lower: ĥ >= relu(ẑ - eps_a) >= al (ẑ - eps_a); adaptive slope 0 or 1 (CROWN). Either
         # slope is valid everywhere, so rounding in choosing it cannot break soundness.
         ls, us = lo - eps, up - eps
@@ -434,11 +490,88 @@ class ReLU(Layer):
             slack = _step_slack(bound, _abs_dot(A, v), k + 4)
         return LinearBound(A_in, bound.const + const.squeeze(-1), slack)
 
-    def perturbed(self, h: Tensor, dA: Tensor | None = None) -> Tensor:
-        """``relu(h) + dA``, clamped at 0: the nominal output is there, so clamping only shrinks
-        the effective delta and the network stays inside the model."""
+    def perturbed(self, h: Tensor, dA: Tensor | None = None, clip: float | None = None) -> Tensor:
+        """``min(relu(h), clip) + dA``, clamped at 0: the nominal output is there, so clamping
+        only shrinks the effective delta and the network stays inside the model."""
         h = torch.relu(h)
+        if clip is not None:
+            h = torch.clamp(h, max=clip)
         return h if dA is None else torch.clamp(h + dA.to(torch.float64), min=0.0)
+
+
+def clip_relaxation(
+    lo: Tensor, up: Tensor, clip: float, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Slopes and offsets ``(al, bl, au, bu)`` of linear bounds on ``ĥ = min(relu(ẑ), clip) + δ``,
+    ``|δ| <= eps``, ``ĥ >= 0``, valid for ``ẑ`` in ``[lo, up]`` (each ``[N, *shape]``).
+
+    The bounds hold between ``Gl(ẑ) = max(min(relu(ẑ), c) - eps, 0)`` and ``Gu(ẑ) = min(relu(ẑ),
+    c) + eps``, both piecewise linear with kinks at ``0``/``eps`` and ``c``. The slopes follow
+    CROWN's choice on each shape (identity, chord, or the steeper or flatter tangent where both
+    kinks lie inside), and each offset is the tightest one for its slope: the extreme of
+    ``G(p) - a p`` over the ends and the kinks inside ``[lo, up]``, where a line below (above) a
+    piecewise-linear function must touch it. Any slope is sound, so only the offsets carry
+    rounding margins.
+    """
+    dtype = lo.dtype
+    c_hi, c_lo = rounding.ceil(clip, dtype), floor(clip, dtype)
+    zero = torch.zeros_like(lo)
+
+    def at(points: list[Tensor]) -> list[Tensor]:
+        return [torch.minimum(torch.maximum(p, lo), up) for p in points]
+
+    # Upper: Gu is 0 + eps up to 0, the identity + eps to c, then c + eps.
+    c = torch.full_like(lo, c_hi)
+    one = torch.ones_like(lo)
+    chord = up / torch.where(up > lo, up - lo, one)
+    through_c = c / torch.where(c > lo, c - lo, one)  # tangent through (c, c) and (lo, 0)
+    au = torch.where(
+        (up <= 0) | (lo >= c),
+        zero,
+        torch.where(
+            lo >= 0,
+            torch.where(up <= c, one, (c - lo > up - c).to(dtype)),
+            torch.where(up <= c, chord, torch.where(c - lo > up - c, through_c, zero)),
+        ),
+    )
+    bu = None
+    for p in at([lo, up, zero, c]):
+        g = torch.clamp(torch.relu(p), max=c_hi)
+        g = rounding.up(g + eps) if eps else g
+        value = g - au * p
+        m = rounding.margin(g.abs() + (au * p).abs(), 3) if rounding.enabled() else 0.0
+        value = rounding.up(value + m) if rounding.enabled() else value
+        bu = value if bu is None else torch.maximum(bu, value)
+    # Lower: Gl is 0 up to e = eps, the identity - eps to c, then c - eps (0 if c <= eps).
+    e = torch.full_like(lo, eps)
+    c = torch.full_like(lo, c_lo)
+    if c_lo > eps:
+        bend = (c - lo) / torch.where(
+            up > lo, up - lo, one
+        )  # chord from (lo, lo - e) to (up, c - e)
+        from_e = (c - e) / torch.where(up > e, up - e, one)  # through (e, 0) and (up, c - e)
+        al = torch.where(
+            (up <= e) | (lo >= c),
+            zero,
+            torch.where(
+                lo >= e,
+                torch.where(up <= c, one, bend),
+                torch.where(
+                    up <= c, (up - e > e - lo).to(dtype), torch.where(up - e > e - lo, from_e, zero)
+                ),
+            ),
+        )
+    else:
+        al = zero
+    bl = None
+    for p in at([lo, up, e, c]):
+        g = torch.clamp(torch.relu(p), max=c_lo)
+        g = torch.clamp(rounding.down(g - eps), min=0.0) if eps else g
+        value = g - al * p
+        m = rounding.margin(g.abs() + (al * p).abs(), 3) if rounding.enabled() else 0.0
+        value = rounding.down(value - m) if rounding.enabled() else value
+        bl = value if bl is None else torch.minimum(bl, value)
+    return al, bl, au, bu
 
 
 # ----------------------------------------------------------------------------- network

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from qlib.bounds.layers import layers
 from qlib.bounds.methods import Method, Options, check_labels, logit_bounds, margin_bounds
-from qlib.quant import Perturbation
+from qlib.quant import LayerPerturbation, Perturbation
 
 __all__ = [
     "Discrepancy",
@@ -49,7 +49,7 @@ def worst_case_discrepancy(
     model: nn.Module,
     X: Tensor,
     y: Tensor,
-    pert: Perturbation,
+    pert: Perturbation | LayerPerturbation,
     method: Method | str = "ibp",
     *,
     options: Options | None = None,
@@ -91,7 +91,7 @@ def verified_accuracy(
     model: nn.Module,
     X: Tensor,
     y: Tensor,
-    pert: Perturbation,
+    pert: Perturbation | LayerPerturbation,
     method: Method | str = "ibp",
     *,
     margin: bool = False,

@@ -18,9 +18,10 @@ import torch
 from torch import Tensor
 
 from qlib.bounds import rounding
-from qlib.bounds.layers import Affine, Flatten, Layer, ReLU
+from qlib.bounds.layers import Affine, Clipped, Flatten, Layer, ReLU, clip_of, floor
+from qlib.bounds.perlayer import AnyPerturbation, Resolved, resolve
 from qlib.bounds.values import Interval, LinearBound
-from qlib.quant import Perturbation
+from qlib.quant import LayerPerturbation, Perturbation
 
 __all__ = [
     "CrownOptions",
@@ -77,11 +78,26 @@ class FastOptions:
             raise ValueError(f"fast_rows must be >= 0, got {self.rows}")
 
 
-def input_box(X: Tensor, pert: Perturbation, dtype: torch.dtype = torch.float64) -> Interval:
+def input_box(
+    X: Tensor, pert: AnyPerturbation | Resolved, dtype: torch.dtype = torch.float64
+) -> Interval:
     """``[clamp(x - eps_x, 0, 1), clamp(x + eps_x, 0, 1)]`` for ``X`` [N, *shape] in [0, 1],
-    rounded outward."""
+    rounded outward. With an input clip ``c`` (``LayerPerturbation.input_clip``):
+    ``[max(min(x, c) - eps_x, 0), min(x, c) + eps_x]``."""
+    if isinstance(pert, Resolved):
+        pert = pert.input
+    elif isinstance(pert, LayerPerturbation):
+        pert = Clipped(eps_input=pert.eps_input, clip=pert.input_clip)
     X = X.to(dtype)
     eps = rounding.ceil(pert.eps_input, dtype)
+    clip = clip_of(pert)
+    if clip is not None:
+        lower = torch.clamp(X, max=floor(clip, dtype))
+        upper = torch.clamp(X, max=rounding.ceil(clip, dtype))
+        if eps:
+            lower = torch.clamp(rounding.down(lower - eps), min=0.0)
+            upper = rounding.up(upper + eps)
+        return Interval(lower, upper)
     if not eps:
         return Interval(X, X)
     return Interval(
@@ -94,16 +110,17 @@ def backsubstitute(
     top: int,
     bound: LinearBound,
     boxes: Sequence[Interval],
-    pert: Perturbation,
+    pert: AnyPerturbation | Resolved,
     stop: int = 0,
 ) -> Tensor:
     """Lower bounds ``[N, S]`` of ``A · out(net[top]) + const`` by back-substitution to the input of
     ``net[stop]``, whose interval ``boxes[stop]`` finishes the bound. ``boxes[i]`` is the input
     interval of layer ``i``; the layers between must have their input intervals set
     (``forward_bounds``). The result is rounded outward: the slack of every step and the
-    rounding of this final concretisation are subtracted."""
-    for layer in reversed(net[stop : top + 1]):
-        bound = layer.backward(bound, pert)
+    rounding of this final concretisation are subtracted. ``pert``: uniform or per layer."""
+    per = resolve(net, pert).layers
+    for i in range(top, stop - 1, -1):
+        bound = net[i].backward(bound, per[i])
     box = boxes[stop]
     A = bound.A
     n = box.lower.shape[0]
@@ -157,7 +174,7 @@ def numel(shape: tuple[int, ...]) -> int:
 def forward_bounds(
     net: Sequence[Layer],
     X: Tensor,
-    pert: Perturbation,
+    pert: AnyPerturbation | Resolved,
     method: str = "ibp",
     options: CrownOptions | FastOptions | None = None,
     *,
@@ -176,6 +193,7 @@ def forward_bounds(
     ``"crown-fast"`` (``FastOptions``): the chosen rows of the last hidden layer only.
     The output interval (last entry) is the plain IBP chain's, identical on every path.
     ``cache`` keeps sample-independent rows between calls on chunks of one batch.
+    ``pert``: a uniform ``Perturbation`` or a ``LayerPerturbation`` (each layer its own radii).
     """
     crown = options if isinstance(options, CrownOptions) else CrownOptions()
     fast_rows = options.rows if isinstance(options, FastOptions) else FastOptions().rows
@@ -187,6 +205,8 @@ def forward_bounds(
         )
     intermediate_layers, unstable_only = crown.intermediate_layers, crown.unstable_only
     cache = {} if cache is None else cache
+    pert = resolve(net, pert)
+    per = pert.layers
     boxes = [input_box(X, pert, X.dtype)]
     ibp = boxes[0]  # the IBP chain, never intersected: the same on every path
     stop = fast_stop(net) if method == "crown-fast" else affine[crown.intermediate_stop]
@@ -196,13 +216,13 @@ def forward_bounds(
     for i, layer in enumerate(net):
         layer.inp = boxes[-1]
         if isinstance(layer, ReLU):
-            box = layer.ibp(boxes[-1], pert)
-            ibp = layer.ibp(ibp, pert)
+            box = layer.ibp(boxes[-1], per[i])
+            ibp = layer.ibp(ibp, per[i])
         else:
-            ibp = layer.ibp(ibp, pert)
-            box = ibp if isinstance(layer, Affine) else layer.ibp(boxes[-1], pert)
+            ibp = layer.ibp(ibp, per[i])
+            box = ibp if isinstance(layer, Affine) else layer.ibp(boxes[-1], per[i])
         if method == "crown" and i in hidden:
-            mask = unstable(box, pert) if unstable_only else None
+            mask = unstable(box, per[next_relu(net, i)]) if unstable_only else None
             box = _hidden_bounds(net, i, box, boxes, pert, stop, mask, mask, cache)
         elif method == "crown-fast" and len(affine) > 1 and i == affine[-2] and fast_rows > 0:
             lower, upper = _fast_rows(net, i, box, pert, fast_rows, cache)
@@ -219,6 +239,14 @@ def fast_stop(net: Sequence[Layer]) -> int:
     return affine[max(0, len(affine) - 3)]
 
 
+def next_relu(net: Sequence[Layer], i: int) -> int:
+    """Index of the ReLU that follows affine layer ``net[i]`` (past any Flatten)."""
+    for j in range(i + 1, len(net)):
+        if isinstance(net[j], ReLU):
+            return j
+    raise ValueError(f"layer {i} is not followed by a ReLU")
+
+
 def unstable(box: Interval, pert: Perturbation) -> Tensor:
     """Neurons [N, k] whose ReLU relaxation may change when their interval ``box`` shrinks.
 
@@ -227,10 +255,17 @@ def unstable(box: Interval, pert: Perturbation) -> Tensor:
     ``u <= 0`` and the chord between. So the relaxation is the same for every sub-interval when
     ``l >= eps_a`` (identity), ``u < 0`` (zero) or ``0 < l <= u < eps_a`` (lower 0, upper
     identity); the strict inequalities keep a sub-interval from shrinking onto a boundary point,
-    where the slope rules switch. Every other neuron counts as unstable.
+    where the slope rules switch. Every other neuron counts as unstable. With a clip ``c``
+    (``pert`` a ``Clipped``), the relaxations are fixed only inside one linear piece of both
+    ``min(relu(ẑ), c)`` (kinks 0, c) and its lower envelope (kinks eps_a, c).
     """
     lo, up = box.lower.flatten(1), box.upper.flatten(1)
     eps = pert.eps_act
+    clip = clip_of(pert)
+    if clip is not None:
+        upper_fixed = (up < 0) | ((lo > 0) & (up < clip)) | (lo > clip)
+        lower_fixed = (up < eps) | ((lo > eps) & (up < clip)) | (lo > clip)
+        return ~(upper_fixed & lower_fixed)
     return ~((lo >= eps) | (up < 0) | ((lo > 0) & (up < eps)))
 
 
@@ -257,7 +292,7 @@ def _hidden_bounds(
     i: int,
     box: Interval,
     boxes: Sequence[Interval],
-    pert: Perturbation,
+    pert: Resolved,
     stop: int,
     lower_rows: Tensor | None,
     upper_rows: Tensor | None,
@@ -281,7 +316,7 @@ def _hidden_bounds(
     spec = identity_spec(layer.out_shape, lo)
     if cache is None or ("rows", i) not in cache:
         with rounding.outward(False):  # the rows are shared; their slack is per sample, below
-            shared = layer.backward(spec, pert)
+            shared = layer.backward(spec, pert.layers[i])
         A = shared.A.reshape(2, k, -1)
         A = torch.cat([A, A.new_zeros(2, 1, A.shape[-1])], 1)
         const = torch.cat([shared.const.reshape(2, k), shared.const.new_zeros(2, 1)], 1)
@@ -291,7 +326,7 @@ def _hidden_bounds(
         A, const = cache["rows", i]
     rows = torch.cat([A[0][idx_lo], A[1][idx_up]], 1)
     slack = None
-    step = layer.step_slack(spec, pert)  # [n, 2k] for this chunk's input intervals
+    step = layer.step_slack(spec, pert.layers[i])  # [n, 2k] for this chunk's input intervals
     if step is not None:
         step = torch.cat([step.reshape(n, 2, k), step.new_zeros(n, 2, 1)], 2)
         slack = torch.cat([step[:, 0].gather(1, idx_lo), step[:, 1].gather(1, idx_up)], 1)
@@ -310,7 +345,7 @@ def _hidden_bounds(
 
 
 def _fast_rows(
-    net: Sequence[Layer], i: int, box: Interval, pert: Perturbation, rows: int, cache: dict
+    net: Sequence[Layer], i: int, box: Interval, pert: Resolved, rows: int, cache: dict
 ) -> tuple[Tensor, Tensor]:
     """Masks ``(lower, upper)`` [N, k] of the ``rows`` (neuron, side) pairs per sample of the last
     hidden affine layer ``net[i]`` most worth back-substituting for the logit bounds.
@@ -323,15 +358,16 @@ def _fast_rows(
     if ("weight", i) not in cache:
         spec = identity_spec(net[-1].out_shape, box.lower)
         with rounding.outward(False):  # a score, not a bound
-            for layer in reversed(net[i + 2 :]):  # past the last ReLU (net[i + 1]): shared rows
-                spec = layer.backward(spec, pert)
+            for j in range(len(net) - 1, i + 1, -1):  # past the last ReLU: shared rows
+                spec = net[j].backward(spec, pert.layers[j])
         cache["weight", i] = spec.A.flatten(1).abs().sum(0)  # [k]
     weight = cache["weight", i]
     lo, up = box.lower.flatten(1), box.upper.flatten(1)
-    mask = unstable(box, pert)
+    act = pert.layers[next_relu(net, i)]
+    mask = unstable(box, act)
     gap = torch.where(mask, -lo * up / torch.where(mask, up - lo, 1.0), 0.0)
     score = torch.where(mask, weight * gap.clamp(min=0), -1.0)
     k = min(rows, score.shape[1])
     chosen = torch.zeros_like(mask).scatter_(1, score.topk(k, 1).indices, True) & mask
-    upper_side = up < pert.eps_act - lo
+    upper_side = up < act.eps_act - lo
     return chosen & ~upper_side, chosen & upper_side

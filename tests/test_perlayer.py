@@ -1,0 +1,141 @@
+"""Per-layer perturbations and clipped activations in ``qlib.bounds`` (budget: ~10 s)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from qlib import attack, bounds, models
+from qlib.bounds.layers import clip_relaxation
+from qlib.quant import LayerPerturbation, Perturbation
+
+METHODS = ("ibp", "crown-ibp", "crown-fast", "crown")
+TOL = 1e-9
+
+
+def small_net(kind: str, size: int, seed: int) -> nn.Sequential:
+    if kind == "mlp":
+        return models.mlp([1, size, size], [6, 5], 4, seed=seed)
+    return models.cnn([1, size, size], 3, channels=(2, 3), hidden=5, seed=seed)
+
+
+def inside(lower: torch.Tensor, values: torch.Tensor, upper: torch.Tensor) -> bool:
+    return bool((lower <= values + TOL).all() and (values <= upper + TOL).all())
+
+
+def random_box(net: nn.Sequential, seed: int, clips: bool) -> LayerPerturbation:
+    """Radii in [0, 1/16) per layer; with ``clips`` a clip per ReLU in [0.05, 1] and on the input."""
+    g = torch.Generator().manual_seed(seed)
+    n = sum(isinstance(m, nn.Linear | nn.Conv2d) for m in net)
+
+    def radii(k: int) -> tuple[float, ...]:
+        return tuple((torch.rand(k, generator=g) / 16).tolist())
+
+    clip = tuple((0.05 + torch.rand(n - 1, generator=g)).clamp(max=1).tolist()) if clips else None
+    return LayerPerturbation(
+        radii(1)[0],
+        radii(n),
+        radii(n),
+        radii(n - 1),
+        input_clip=0.7 if clips else None,
+        act_clip=clip,
+    )
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_uniform_box_is_bit_for_bit_the_uniform_perturbation(arch: str):
+    net = small_net(arch, 6, 3)
+    X = torch.rand(5, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(5) % 3
+    pert = Perturbation(1 / 255, 1 / 64, 1 / 128, 1 / 32)
+    per = LayerPerturbation.uniform(pert, sum(isinstance(m, nn.Linear | nn.Conv2d) for m in net))
+    for method in METHODS:
+        a, b = bounds.logit_bounds(net, X, pert, method), bounds.logit_bounds(net, X, per, method)
+        assert torch.equal(a.lower, b.lower) and torch.equal(a.upper, b.upper), method
+        ma = bounds.margin_bounds(net, X, y, pert, method)
+        assert torch.equal(ma, bounds.margin_bounds(net, X, y, per, method)), method
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    arch=st.sampled_from(["mlp", "cnn"]),
+    seed=st.integers(0, 10_000),
+    clips=st.booleans(),
+)
+def test_per_layer_bounds_contain_attacked_networks(arch: str, seed: int, clips: bool):
+    net = small_net(arch, 5, seed)
+    X = torch.rand(4, 1, 5, 5, generator=torch.Generator().manual_seed(seed))
+    pert = random_box(net, seed, clips)
+    lo, hi = attack.attack_logits(net, X, pert, steps=4, vertices=6, seed=seed)
+    for method in METHODS:
+        lower, upper = bounds.logit_bounds(net, X, pert, method)
+        assert inside(lower, lo, upper) and inside(lower, hi, upper), method
+
+
+def test_clipped_network_leaves_the_unclipped_box():
+    """The clip is modelled, not ignored: a clip far below the activations moves the logits out of
+    the unclipped bounds, and the clipped bounds contain the clipped network."""
+    net = small_net("mlp", 5, 7)
+    X = torch.rand(6, 1, 5, 5, generator=torch.Generator().manual_seed(7))
+    free = LayerPerturbation(0.0, (0.0,) * 3, (0.0,) * 3, (0.01, 0.01))
+    clipped = LayerPerturbation(0.0, (0.0,) * 3, (0.0,) * 3, (0.01, 0.01), act_clip=(0.02, 0.02))
+    z = attack.perturbed_forward(net, X, clipped)
+    lower, upper = bounds.logit_bounds(net, X, free, "crown")
+    assert not inside(lower, z, upper)
+    for method in METHODS:
+        lower, upper = bounds.logit_bounds(net, X, clipped, method)
+        assert inside(lower, z, upper), method
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lo=st.floats(-3, 3),
+    width=st.floats(0, 4),
+    clip=st.floats(0, 2),
+    eps=st.sampled_from([0.0, 0.01, 0.3]),
+)
+def test_clip_relaxation_holds_on_a_dense_grid(lo: float, width: float, clip: float, eps: float):
+    """al z + bl <= max(min(relu z, c) - eps, 0) and au z + bu >= min(relu z, c) + eps on [l, u]."""
+    lo_t = torch.tensor([lo], dtype=torch.float64)
+    up_t = torch.tensor([lo + width], dtype=torch.float64)
+    al, bl, au, bu = clip_relaxation(lo_t, up_t, clip, eps)
+    z = torch.linspace(lo, lo + width, 2001, dtype=torch.float64)
+    g = torch.clamp(torch.relu(z), max=clip)
+    assert bool((al * z + bl <= torch.clamp(g - eps, min=0) + 1e-12).all())
+    assert bool((au * z + bu >= g + eps - 1e-12).all())
+
+
+def test_clipped_relaxation_is_exact_inside_one_piece():
+    lo = torch.tensor([0.2, -2.0, 3.0], dtype=torch.float64)
+    up = torch.tensor([0.8, -1.0, 4.0], dtype=torch.float64)
+    al, bl, au, bu = clip_relaxation(lo, up, 1.0, 0.0)
+    assert torch.allclose(al, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+    assert torch.allclose(au, al) and torch.allclose(bl, bu, atol=1e-12)
+    assert torch.allclose(bu, torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), atol=1e-12)
+
+
+def test_count_errors_name_the_layer():
+    net = small_net("mlp", 4, 0)
+    X = torch.rand(2, 1, 4, 4)
+    short = LayerPerturbation(0.0, (0.1, 0.1), (0.0, 0.0), (0.0,))
+    with pytest.raises(ValueError, match=r"eps_weight has 2 entries .* 3 affine layers.*Linear"):
+        bounds.logit_bounds(net, X, short)
+    with pytest.raises(ValueError, match="the network has 3 affine layers"):
+        attack.perturbed_forward(net, X, short)
+    with pytest.raises(ValueError, match="eps_bias has 1 entries, eps_weight 2"):
+        LayerPerturbation(0.0, (0.1, 0.1), (0.0,), (0.0,))
+    with pytest.raises(ValueError, match="2 affine layers have 1 hidden ReLUs"):
+        LayerPerturbation(0.0, (0.1, 0.1), (0.0, 0.0), ())
+    with pytest.raises(ValueError, match="act_clip has 2 entries"):
+        LayerPerturbation(0.0, (0.1, 0.1), (0.0, 0.0), (0.0,), act_clip=(1.0, 1.0))
+    with pytest.raises(ValueError, match=r"eps_weight\[1\] must be finite"):
+        LayerPerturbation(0.0, (0.1, float("nan")), (0.0, 0.0), (0.0,))
+    with pytest.raises(ValueError, match="act_clip.0. must be finite and >= 0"):
+        LayerPerturbation(0.0, (0.1, 0.1), (0.0, 0.0), (0.0,), act_clip=(-1.0,))
+    with pytest.raises(TypeError, match="LayerPerturbation"):
+        bounds.logit_bounds(net, X, (0.1, 0.1))
+    with pytest.raises(ValueError, match="n_affine"):
+        LayerPerturbation.uniform(Perturbation(), 0)
