@@ -33,6 +33,7 @@ from qlib.milp.solve import (
     solver_for,
     verify,
 )
+from qlib.milp.tasks import Settings, experiment, logit_table, model_digest, sweep
 from qlib.milp.witness import Witness, WitnessMismatch, rebuild, replay
 
 __all__ = [
@@ -57,5 +58,10 @@ __all__ = [
     "rebuild",
     "replay",
     "solver_for",
+    "Settings",
+    "experiment",
+    "logit_table",
+    "model_digest",
+    "sweep",
     "verify",
 ]
