@@ -20,16 +20,16 @@ products are exact (a fixed-point accumulator) as long as they fit in 53 bits, w
 for the bit widths swept here; with ``asymmetric=True`` or ``act_range`` not a power of two
 they are float64-rounded instead.
 
-Certified bound. Every quantised network built here lies in a ``qlib.quant.Perturbation`` box
-around the float network: ``eps_weight`` (``eps_bias``) is half the largest weight (bias) step
-over the layers, ``eps_input`` half the input step, ``eps_act`` half the largest activation
-step. Saturation breaks the half-step argument (a clipped value can be off by more), so it is
-measured, never assumed away: each radius is widened to the largest error actually made on the
-weights (exact) and on the inputs and activations of the evaluated images. The widened box
-contains the exact quantised network's computation on every evaluated image, so the bounds of
-``qlib.bounds`` computed with it are sound for those images (not for unseen ones, on which an
-activation may clip harder). Widening is reported (``PTQResult.widened``) and the saturation
-counts are in every result.
+Certified bound. Every quantised network built here lies in a per-layer box
+(``qlib.quant.LayerPerturbation``) around the float network: each layer's weights and biases
+within half its own step, inputs and activations the clipped model ``min(v, T) + δ`` with ``T``
+the top grid value and ``|δ|`` half a step. Saturation is handled soundly, not assumed away:
+an input or activation beyond ``T`` is rounded to ``T`` exactly, which the clip models, so the
+box holds for every input in [0, 1], not only the evaluated images; a saturated weight or bias
+(a weight equal to its power-of-two range, or a forced ``weight_range``) widens its layer's
+radius to the exact largest error, which is reported (``PTQResult.widened``). The bounds of
+``qlib.bounds`` computed with this box are therefore sound for this exact quantised network,
+and every saturation count is in each result.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from qlib.quant import Perturbation
+from qlib.quant import LayerPerturbation
 
 __all__ = [
     "FixedPoint",
@@ -309,37 +309,46 @@ class QuantizedMLP:
                 lin.bias.data.copy_(b)
         return out
 
-    def perturbation(
-        self, input_error: float, act_error: float
-    ) -> tuple[Perturbation, tuple[str, ...]]:
-        """The box that contains this network's computation on images whose largest input and
-        activation rounding errors are ``input_error`` and ``act_error`` (``SimOutput``), and the
-        kinds widened past half a step by saturation (see the module docstring)."""
+    def perturbation(self) -> tuple[LayerPerturbation, tuple[str, ...]]:
+        """The per-layer box that contains this quantised network on every input in [0, 1], and
+        the parameter kinds ("weight", "bias") widened past half a step by saturation.
+
+        Inputs and activations saturate onto the top grid value ``T``, and
+        ``round(min(v, T)) = q(v)`` exactly, so they are the clipped model of
+        ``LayerPerturbation`` (``min(v, T) + δ``, ``|δ|`` at most half a step): no widening,
+        and sound beyond the evaluated images. Weights and biases are known, so a saturated
+        layer's radius is its exact largest error.
+        """
         cfg = self.config
-        half_w = max(0.5 * layer.weight_step for layer in self.layers)
-        half_b = max(0.5 * layer.bias_step for layer in self.layers)
-        half_x = 0.5 * 2.0 ** (1 - cfg.input_bits)
-        half_a = max((0.5 * layer.act_step for layer in self.layers[:-1]), default=0.0)
-        err_w = max(layer.weight_error for layer in self.layers)
-        err_b = max(layer.bias_error for layer in self.layers)
+        # A relative slack covers float64 rounding of v / step when the step is not a power
+        # of two (asymmetric grids, a user-chosen act_range); power-of-two steps are exact.
+        w = [_up(max(0.5 * lq.weight_step, lq.weight_error)) for lq in self.layers]
+        b = [_up(max(0.5 * lq.bias_step, lq.bias_error)) for lq in self.layers]
+        hidden = self.layers[:-1]
+        act = [_slack(0.5 * lq.act_step, lq.act_range) for lq in hidden]
+        clips = [lq.act_range - lq.act_step for lq in hidden]
+        step_x = 2.0 ** (1 - cfg.input_bits)
         widened = tuple(
             kind
-            for kind, half, err in (
-                ("input", half_x, input_error),
-                ("weight", half_w, err_w),
-                ("bias", half_b, err_b),
-                ("act", half_a, act_error),
+            for kind, flag in (
+                ("weight", any(lq.weight_error > 0.5 * lq.weight_step for lq in self.layers)),
+                ("bias", any(lq.bias_error > 0.5 * lq.bias_step for lq in self.layers)),
             )
-            if err > half
+            if flag
         )
-        # Outward by one ulp: the box must also hold float rounding of the comparison itself.
-        pert = Perturbation(
-            eps_input=_up(max(half_x, input_error)),
-            eps_weight=_up(max(half_w, err_w)),
-            eps_bias=_up(max(half_b, err_b)),
-            eps_act=_up(max(half_a, act_error)) if len(self.layers) > 1 else 0.0,
+        pert = LayerPerturbation(
+            eps_input=_up(0.5 * step_x),
+            eps_weight=tuple(w),
+            eps_bias=tuple(b),
+            eps_act=tuple(act),
+            input_clip=1.0 - step_x,
+            act_clip=tuple(clips),
         )
         return pert, widened
+
+
+def _slack(half: float, scale: float) -> float:
+    return _up(half * (1 + 2.0**-40) + scale * 2.0**-50)
 
 
 def _up(v: float) -> float:
@@ -414,8 +423,9 @@ class PTQResult:
     max and mean are the published quantisation errors. ``linf_*``: the max over classes of the
     probability change (what the published F-MNIST script computes). ``certified`` [n]: the
     certified worst-case discrepancy (``qlib.bounds.worst_case_discrepancy``) of the first
-    ``n`` images under ``pert``, a box that contains this quantised network (``widened``: the
-    kinds whose radius saturation pushed past half a step). ``correct`` [N]: whether the
+    ``n`` images under ``pert``, a per-layer box that contains this quantised network
+    (``widened``: the parameter kinds whose radius saturation pushed past half a step).
+    ``correct`` [N]: whether the
     quantised network classifies each image correctly (for paired comparisons).
     """
 
@@ -434,7 +444,7 @@ class PTQResult:
     saturated_acts: int
     n_weights: int
     layers: tuple[LayerQuant, ...]
-    pert: Perturbation
+    pert: LayerPerturbation
     widened: tuple[str, ...]
     certified: Tensor | None = None
     method: str | None = None
@@ -525,21 +535,11 @@ def evaluate_fixed_point(
     p_q, p_f = torch.softmax(sim.logits, 1), torch.softmax(ref, 1)
     error = (p_q - p_f).gather(1, y[:, None]).squeeze(1).abs()
     linf = (p_q - p_f).abs().amax(1)
-    pert, widened = q.perturbation(sim.input_error, sim.act_error)
+    pert, widened = q.perturbation()
     certified = None
     if certify:
-        # Each image needs a box that holds its own computation: images without saturation get
-        # the half-step box, the others one widened to their group's measured errors (groups by
-        # which of inputs / activations saturated, so one clipped image never loosens the rest).
         n = min(certify, len(X))
-        half_x, half_a = q.perturbation(0.0, 0.0)[0].eps_input, q.perturbation(0.0, 0.0)[0].eps_act
-        ie, ae = sim.input_errors[:n], sim.act_errors[:n]
-        group = (ie > half_x).long() * 2 + (ae > half_a).long()
-        certified = torch.empty(n, dtype=_DTYPE)
-        for g in group.unique().tolist():
-            idx = (group == g).nonzero().squeeze(1)
-            box = q.perturbation(ie[idx].max().item(), ae[idx].max().item())[0]
-            certified[idx] = bounds.worst_case_discrepancy(model, X[idx], y[idx], box, method).d
+        certified = bounds.worst_case_discrepancy(model, X[:n], y[:n], pert, method).d
     return PTQResult(
         model=name,
         config=q.config,

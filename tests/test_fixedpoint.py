@@ -91,8 +91,12 @@ def test_certified_bound_is_above_the_measured_error_on_every_image(digits, conf
     # Every quantised parameter lies in the box, and the box is at least the half step.
     q = fixed_point(net, config, calib)
     between = perturbation_between(copy.deepcopy(net).double(), q.to_module(net))
-    assert between.eps_weight <= res.pert.eps_weight and between.eps_bias <= res.pert.eps_bias
-    assert res.pert.eps_weight >= max(0.5 * layer.weight_step for layer in q.layers)
+    assert between.eps_weight <= max(res.pert.eps_weight)
+    assert between.eps_bias <= max(res.pert.eps_bias)
+    for k, (layer, (qW, _)) in enumerate(zip(q.layers, q.params, strict=True)):
+        W = [m for m in net if isinstance(m, nn.Linear)][k].weight.detach().double()
+        assert (qW - W).abs().max().item() <= res.pert.eps_weight[k]
+        assert res.pert.eps_weight[k] >= 0.5 * layer.weight_step
 
 
 def test_certified_bound_is_informative_at_high_precision(digits):
@@ -114,7 +118,7 @@ def test_saturation_is_counted_and_widens_the_box(digits):
         if isinstance(m, nn.Linear)
     )
     assert res.saturated_weights == expected > 0
-    assert "weight" in res.widened and res.pert.eps_weight > 0.5 * 0.125 * 2.0**-7
+    assert "weight" in res.widened and max(res.pert.eps_weight) > 0.5 * 0.125 * 2.0**-7
     assert res.row()["saturated_weights"] == expected
     # A weight exactly at the power-of-two range does not fit the signed grid: one saturation.
     lin = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
@@ -123,9 +127,24 @@ def test_saturation_is_counted_and_widens_the_box(digits):
         lin[1].weight[0, 0] = 1.0
     one = evaluate_fixed_point(lin, X, y, FixedPoint(weight_bits=8))
     assert one.saturated_weights == 1 and one.layers[0].weight_error == pytest.approx(2.0**-7)
-    # Activations past the clip range are counted; the box is widened to the measured error.
-    clip = evaluate_fixed_point(net, X, y, FixedPoint(act_range=0.5, act_bits=8))
-    assert clip.saturated_acts > 0 and "act" in clip.widened
+    # Activations past the clip range are counted; the box models the clip instead of widening.
+    clip = evaluate_fixed_point(
+        net, X, y, FixedPoint(act_range=0.5, act_bits=8, input_bits=8), certify=len(X)
+    )
+    assert clip.saturated_acts > 0 and clip.saturated_inputs > 0 and clip.widened == ()
+    assert (clip.certified >= clip.error - 1e-12).all()
+
+
+def test_box_holds_beyond_the_evaluated_images(digits):
+    """The box comes from the grids, not from the data: it holds on inputs never seen."""
+    net, (X, y) = digits
+    config = FixedPoint(weight_bits=10, input_bits=10, act_bits=10, act_range=1.0)
+    pert = fixed_point(net, config).perturbation()[0]
+    gen = torch.Generator().manual_seed(0)
+    Z = torch.rand(200, 1, 8, 8, generator=gen) ** 0.3  # brighter than digits: more saturation
+    res = evaluate_fixed_point(net, Z, y[:200], config, certify=200, method="crown-ibp")
+    assert res.pert == pert and res.saturated_inputs > 0 and res.saturated_acts > 0
+    assert (res.certified >= res.error - 1e-12).all()
 
 
 def test_sweep_and_bit_widths(digits):
