@@ -79,6 +79,9 @@ module nc_top #(
     wire [5*LANES-1:0] ev;
     wire up_active = |up_act;
     wire dn_active = |dn_act;
+    // BUSY reads high until DONE is set (one cycle after the last lane goes idle), so a poll
+    // never sees neither
+    reg  up_active_q, dn_active_q;
     wire bits_ok = (r_bits >= 32'd2) && (r_bits <= 32'd16);
     wire up_start = up_go && !up_active && bits_ok;
     wire dn_start = dn_go && !dn_active && bits_ok;
@@ -122,8 +125,7 @@ module nc_top #(
 
     wire [31:0] status = {11'd0, dn_sat, dn_err_inf, dn_err_nan, dn_err_scale, dn_err_width,
                           4'd0, up_err_long, up_err_short, up_err_scale, up_err_width,
-                          4'd0, dn_done, dn_active, up_done, up_active};
-    reg up_active_q, dn_active_q;
+                          4'd0, dn_done, dn_active | dn_active_q, up_done, up_active | up_active_q};
 
     always @(posedge clk) begin
         if (rst) begin
