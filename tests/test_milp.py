@@ -270,3 +270,14 @@ def test_digits_network_sandwich_and_witnesses():
     assert res.kind == "exact"
     assert (hi_a <= res.attained_upper + TOL).all() and (res.upper <= hi_c + TOL).all()
     assert (lo_a >= res.attained_lower - TOL).all() and (res.lower >= lo_c - TOL).all()
+
+
+def test_attack_margin_never_contradicts_verification():
+    net, X = mlp([6, 8, 6, 3], 13), inputs(6, 6, 13)
+    with torch.no_grad():
+        y = attack.perturbed_forward(net, X, Perturbation()).argmax(1)
+    pert = Perturbation.uniform(0.15)
+    found = milp.attack_margin(net, X, y, pert, steps=10, seed=0)
+    res = milp.verify(net, X, y, pert, time_limit=20)
+    assert not (found & res.verified).any()  # an attacked image can never be verified
+    assert (found <= res.falsified | res.unknown).all()

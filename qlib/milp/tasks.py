@@ -37,6 +37,7 @@ class Settings:
     solver: str = "highs"
     formulation: str = "milp"
     time_limit: float | None = None
+    version: int = 1  # of the formulation: a change that alters results bumps it
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
