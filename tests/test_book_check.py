@@ -1,24 +1,13 @@
 """qlib.bookcheck on two hand-made pages in headless Chromium: one as a built chapter should be,
 one with every fault the checker must see. Budget: about 10 s."""
 
+import base64
 import os
 from pathlib import Path
 
 import pytest
 
 from qlib import bookcheck
-
-if bookcheck.find_chromium() is None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(
-            "chromium and chromium-driver are missing in CI: tools/sysdeps.sh installs them",
-            pytrace=False,
-        )
-    pytest.skip(
-        "chromium and chromium-driver are not installed (apt-get install chromium "
-        "chromium-driver, or make setup)",
-        allow_module_level=True,
-    )
 
 # One pixel, black, as PNG.
 PIXEL = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
@@ -41,6 +30,15 @@ def _page(body: str, head: str = "", up: str = "../", ch: str = "") -> str:
 
 @pytest.fixture(scope="module")
 def checks(tmp_path_factory):
+    if bookcheck.find_chromium() is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(
+                "chromium and chromium-driver are missing in CI: tools/sysdeps.sh installs them"
+            )
+        pytest.skip(
+            "chromium and chromium-driver are not installed (apt-get install chromium "
+            "chromium-driver, or make setup)"
+        )
     root = tmp_path_factory.mktemp("site")
     toc = root / "_toc.yml"
     toc.write_text(
@@ -50,7 +48,7 @@ def checks(tmp_path_factory):
     html = root / "html"
     (html / "ch").mkdir(parents=True)
     (html / "intro.html").write_text(_page("<p>No math here.</p>", up="", ch="ch/"))
-    (html / "ch" / "pixel.png").write_bytes(__import__("base64").b64decode(PIXEL))
+    (html / "ch" / "pixel.png").write_bytes(base64.b64decode(PIXEL))
     (html / "ch" / "good.html").write_text(
         _page(
             '<p>Inline <span class="math">\\(x^2\\)</span>.</p>'
