@@ -55,6 +55,7 @@ module tb_stream;
     reg [31:0] scale, inv, rd;
     integer up_sent, dn_sent;
     reg up_run, dn_run;
+    integer seed_uv, seed_dv, seed_ur, seed_dr;   // one random sequence per source and sink
     reg up_hold = 1'b0, dn_hold = 1'b0;
 
     // Sources present beats in order while running; sinks are ready with probability ready_pct.
@@ -62,14 +63,14 @@ module tb_stream;
     // time unit later, when everything has settled.
     always @(negedge clk) begin
         // AXI-Stream: a beat once offered stays offered until taken
-        s_up_tvalid = up_run && (up_sent < up_beats) && (up_hold || ($unsigned($random(seed)) % 100 < valid_pct));
+        s_up_tvalid = up_run && (up_sent < up_beats) && (up_hold || ($unsigned($random(seed_uv)) % 100 < valid_pct));
         s_up_tdata = (up_sent < up_beats) ? up_mem[up_sent] : {W{1'b0}};
         s_up_tlast = (up_sent == up_beats - 1);
-        s_dn_tvalid = dn_run && (dn_sent < dn_beats) && (dn_hold || ($unsigned($random(seed)) % 100 < valid_pct));
+        s_dn_tvalid = dn_run && (dn_sent < dn_beats) && (dn_hold || ($unsigned($random(seed_dv)) % 100 < valid_pct));
         s_dn_tdata = (dn_sent < dn_beats) ? dn_mem[dn_sent] : {W{1'b0}};
         s_dn_tlast = (dn_sent == dn_beats - 1);
-        m_up_tready = ($unsigned($random(seed)) % 100) < ready_pct;
-        m_dn_tready = ($unsigned($random(seed)) % 100) < ready_pct;
+        m_up_tready = ($unsigned($random(seed_ur)) % 100) < ready_pct;
+        m_dn_tready = ($unsigned($random(seed_dr)) % 100) < ready_pct;
         #1;
         up_hold = s_up_tvalid && !s_up_tready;
         dn_hold = s_dn_tvalid && !s_dn_tready;
@@ -113,6 +114,7 @@ module tb_stream;
         if (!$value$plusargs("ready_pct=%d", ready_pct)) ready_pct = 100;
         if (!$value$plusargs("valid_pct=%d", valid_pct)) valid_pct = 100;
         if (!$value$plusargs("seed=%d", seed)) seed = 1;
+        seed_uv = seed * 4 + 1; seed_dv = seed * 4 + 2; seed_ur = seed * 4 + 3; seed_dr = seed * 4 + 4;
         if (!$value$plusargs("timeout=%d", timeout)) timeout = 10000000;
         if (!$value$plusargs("out=%s", out_file)) out_file = "tb_stream.out";
         if ($value$plusargs("vcd=%s", vcd_file)) begin
