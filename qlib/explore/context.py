@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from qlib import data, models, zoo
-from qlib.explore import fakequant, traffic, weather
+from qlib.explore import certify, fakequant, traffic, weather
 from qlib.explore.workload import DatasetSpec, Workload
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "Prepared",
     "bit_cost",
     "calibrate",
+    "certifier",
     "load_data",
     "load_model",
     "prepare",
@@ -84,15 +85,17 @@ class Evaluator:
     mapping: str = "default"
     batch_size: int = 1024
     threads: int | None = None
+    certifier: certify.Certifier | None = None
     _net: fakequant.QuantNet | None = field(default=None, repr=False)
     _shapes: list | None = field(default=None, repr=False)
+    _float: nn.Sequential | None = field(default=None, repr=False)
 
     def __getstate__(self) -> dict:
         # ModelOpt modules do not pickle; each process rebuilds its own network.
-        return {k: v for k, v in self.__dict__.items() if k not in ("_net", "_shapes")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_net", "_shapes", "_float")}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _net=None, _shapes=None)
+        self.__dict__.update(state, _net=None, _shapes=None, _float=None)
 
     @property
     def net(self) -> fakequant.QuantNet:
@@ -154,11 +157,34 @@ class Evaluator:
                 )
         return correct / len(self.X)
 
-    def __call__(self, genome: Sequence[int]) -> tuple[float, float, float]:
-        """(accuracy, cost, seconds) of one genome."""
+    @property
+    def float_model(self) -> nn.Sequential:
+        """The float network the certificates bound around."""
+        if self._float is None:
+            model = models.build(self.arch)
+            model.load_state_dict(self.state_dict)
+            self._float = model.eval()
+        return self._float
+
+    def box(self, genome: Sequence[int]):
+        """The ``LayerPerturbation`` containing the fake-quantised network of ``genome``."""
+        return certify.genome_box(self.net, genome)
+
+    def certify(self, genome: Sequence[int]) -> certify.Certificate:
+        """The certified objective of ``genome`` (``ValueError`` without a certifier)."""
+        if self.certifier is None:
+            raise ValueError("this evaluator has no certified objective (workload key certified)")
+        return self.certifier(self.float_model, self.box(genome))
+
+    def __call__(self, genome: Sequence[int]) -> tuple:
+        """(accuracy, cost, seconds) of one genome; with a certified objective
+        (accuracy, cost, seconds, certified value, certificate status)."""
         t0 = time.perf_counter()
         acc, cost = self.accuracy(genome), self.cost(genome)
-        return acc, cost, time.perf_counter() - t0
+        if self.certifier is None:
+            return acc, cost, time.perf_counter() - t0
+        cert = self.certify(genome)
+        return acc, cost, time.perf_counter() - t0, cert.value, cert.status
 
 
 @dataclass
@@ -182,6 +208,36 @@ def calibrate(w: Workload, model: nn.Module) -> fakequant.QuantNet:
         method=w.calibration.method,
         percentile=w.calibration.percentile,
         batch_size=w.batch_size,
+    )
+
+
+def certifier(w: Workload, model: nn.Sequential, input_amax: dict[str, float]):
+    """The workload's certified objective (None if it has none), after checking that the model
+    can be bounded and that every affine layer is quantised with a calibrated input range;
+    raises ``certify.CertifyError`` naming the workload, layer or method otherwise."""
+    spec = w.certified
+    if spec is None:
+        return None
+    where = f"workload {w.name!r}, key certified"
+    if w.layers != "conv+linear":
+        raise certify.CertifyError(
+            f"{where}: needs every affine layer quantised (layers: conv+linear, got {w.layers!r}); "
+            "an unquantised layer's inputs are not clipped, so no box contains them"
+        )
+    missing = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear | nn.Conv2d) and n not in input_amax
+    ]
+    if missing:
+        raise certify.CertifyError(f"{where}: no calibrated input range for layers {missing}")
+    X, y = load_data(spec.data or w.datasets.exploration, limit=spec.samples)
+    try:
+        certify.check_certifiable(model, X.shape[1:], spec.method)
+    except certify.CertifyError as e:
+        raise certify.CertifyError(f"{where}: {e}") from None
+    return certify.Certifier(
+        X[: spec.samples], y[: spec.samples], spec.method, spec.kind, spec.margin
     )
 
 
@@ -215,5 +271,6 @@ def prepare(
         mapping=w.energy.mapping,
         batch_size=w.batch_size,
         threads=threads,
+        certifier=certifier(w, model, qnet.input_amax()),
     )
     return Prepared(w, model, ev, min_acc, baseline)

@@ -41,7 +41,8 @@ Genome = tuple[int, ...]
 
 
 class CachedEvaluation:
-    """``genomes -> [(accuracy, cost)]`` through the store, evaluating only unseen genomes."""
+    """``genomes -> [(accuracy, cost)]`` (plus the certified value when the evaluator returns
+    one) through the store, evaluating only unseen genomes."""
 
     def __init__(
         self,
@@ -67,17 +68,27 @@ class CachedEvaluation:
             leave=False,
         )
         with bar:
-            for genome, (acc, cost, secs) in self._run(todo):
+            for genome, result in self._run(todo):
+                acc, cost, secs = result[:3]
+                # A certified objective comes as (value, status) after the first three.
+                extra, status = (result[3], result[4]) if len(result) > 3 else (None, "")
+                objectives = (-acc, cost) if extra is None else (-acc, cost, extra)
                 rec = Record(
-                    self.generation, genome, (-acc, cost), acc, self.min_accuracy - acc, secs
+                    self.generation,
+                    genome,
+                    objectives,
+                    acc,
+                    self.min_accuracy - acc,
+                    secs,
+                    status,
                 )
                 self.store.add(rec)  # committed now: an interruption keeps it
                 self.evaluated += 1
                 bar.update()
         self.generation += 1
-        return [(self.store.get(g).accuracy, self.store.get(g).objectives[1]) for g in genomes]
+        return [(self.store.get(g).accuracy, *self.store.get(g).objectives[1:]) for g in genomes]
 
-    def _run(self, todo: list[Genome]) -> Iterator[tuple[Genome, tuple[float, float, float]]]:
+    def _run(self, todo: list[Genome]) -> Iterator[tuple[Genome, tuple]]:
         if not todo:
             return
         if self.client is None:
@@ -102,7 +113,7 @@ class CachedEvaluation:
                 fut.cancel()
 
 
-def _call(evaluator: Evaluator, genome: Genome) -> tuple[float, float, float]:
+def _call(evaluator: Evaluator, genome: Genome) -> tuple:
     return evaluator(genome)
 
 
@@ -149,7 +160,13 @@ def make_problem(prepared: Prepared, evaluation: CachedEvaluation) -> BitWidthPr
     w = prepared.workload
     n_layers = len(prepared.evaluator.input_amax)
     return BitWidthProblem(
-        w.problem, n_layers, w.bits.lower, w.bits.upper, prepared.min_accuracy, evaluation
+        w.problem,
+        n_layers,
+        w.bits.lower,
+        w.bits.upper,
+        prepared.min_accuracy,
+        evaluation,
+        n_obj=3 if w.certified is not None else 2,
     )
 
 
@@ -226,7 +243,8 @@ def explore(
 def random_search(
     prepared: Prepared, store: Store, n: int, *, seed: int = 0, client=None
 ) -> np.ndarray:
-    """``n`` distinct uniformly random genomes, evaluated through the store; returns F ``[n, 2]``."""
+    """``n`` distinct uniformly random genomes, evaluated through the store; returns F ``[n, 2]``
+    (``[n, 3]`` with a certified objective)."""
     w = prepared.workload
     rng = np.random.default_rng(seed)
     n_genes = 2 * len(prepared.evaluator.input_amax)
@@ -238,14 +256,20 @@ def random_search(
         seen[tuple(int(v) for v in rng.integers(w.bits.lower, w.bits.upper + 1, n_genes))] = None
     evaluation = CachedEvaluation(prepared.evaluator, store, prepared.min_accuracy, client=client)
     results = evaluation(list(seen))
-    return np.array([[-a, c] for a, c in results])
+    return np.array([[-r[0], *r[1:]] for r in results])
 
 
 def pareto_front(
-    store: Store, feasible_only: bool = True, *, until_generation: int | None = None
+    store: Store,
+    feasible_only: bool = True,
+    *,
+    until_generation: int | None = None,
+    objectives: Sequence[int] | None = None,
 ) -> list[Record]:
-    """Non-dominated stored records (minimising both objectives), sorted by accuracy;
-    ``until_generation``: only the records of that generation and earlier (the front then)."""
+    """Non-dominated stored records (minimising every objective), sorted by accuracy;
+    ``until_generation``: only the records of that generation and earlier (the front then);
+    ``objectives``: the indices of the objectives to sort on (default all; ``(0, 1)`` is the
+    accuracy/cost front of a store that also holds a certified objective)."""
     from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
     recs = [
@@ -257,6 +281,8 @@ def pareto_front(
     if not recs:
         return []
     F = np.array([r.objectives for r in recs])
+    if objectives is not None:
+        F = F[:, list(objectives)]
     front = NonDominatedSorting().do(F, only_non_dominated_front=True)
     return sorted((recs[i] for i in front), key=lambda r: -r.accuracy)
 

@@ -54,7 +54,8 @@ class StoreMismatch(ValueError):
 
 @dataclass(frozen=True)
 class Record:
-    """One evaluated individual."""
+    """One evaluated individual; ``status`` is the certificate's (``"certified"`` or
+    ``"uncertifiable"``) when the workload has a certified objective, else empty."""
 
     generation: int
     genome: Genome
@@ -62,6 +63,7 @@ class Record:
     accuracy: float
     constraint: float
     seconds: float
+    status: str = ""
 
 
 class Store:
@@ -78,8 +80,12 @@ class Store:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS evaluations (id INTEGER PRIMARY KEY AUTOINCREMENT, "
             "generation INTEGER, genome TEXT UNIQUE, objectives TEXT, accuracy REAL, "
-            "constraint_value REAL, seconds REAL, created REAL)"
+            "constraint_value REAL, seconds REAL, created REAL, status TEXT DEFAULT '')"
         )
+        columns = [r[1] for r in self._db.execute("PRAGMA table_info(evaluations)").fetchall()]
+        if "status" not in columns:  # a file from before certified objectives
+            self._db.execute("ALTER TABLE evaluations ADD COLUMN status TEXT DEFAULT ''")
+            self._db.commit()
         row = self._db.execute("SELECT value FROM meta WHERE key = 'workload_digest'").fetchone()
         if row is None:
             self._db.executemany(
@@ -114,7 +120,7 @@ class Store:
         """Append one evaluation and commit at once (so an interruption keeps it)."""
         self._db.execute(
             "INSERT OR IGNORE INTO evaluations (generation, genome, objectives, accuracy, "
-            "constraint_value, seconds, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "constraint_value, seconds, created, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 rec.generation,
                 json.dumps(list(rec.genome)),
@@ -123,6 +129,7 @@ class Store:
                 rec.constraint,
                 rec.seconds,
                 time.time(),
+                rec.status,
             ),
         )
         self._db.commit()
@@ -131,12 +138,12 @@ class Store:
     def records(self) -> list[Record]:
         """Every evaluation in the order it finished."""
         rows = self._db.execute(
-            "SELECT generation, genome, objectives, accuracy, constraint_value, seconds "
+            "SELECT generation, genome, objectives, accuracy, constraint_value, seconds, status "
             "FROM evaluations ORDER BY id"
         ).fetchall()
         return [
-            Record(g, tuple(json.loads(x)), tuple(json.loads(f)), a, c, s)
-            for g, x, f, a, c, s in rows
+            Record(g, tuple(json.loads(x)), tuple(json.loads(f)), a, c, s, st or "")
+            for g, x, f, a, c, s, st in rows
         ]
 
     def __len__(self) -> int:
@@ -154,6 +161,7 @@ class Store:
                 "accuracy": r.accuracy,
                 "constraint": r.constraint,
                 "seconds": r.seconds,
+                "status": r.status,
             }
             row |= {f"F{i}": f for i, f in enumerate(r.objectives)}
             row |= {f"g{i}": g for i, g in enumerate(r.genome)}

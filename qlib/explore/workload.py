@@ -21,6 +21,7 @@ from qlib import data, zoo
 __all__ = [
     "BitsSpec",
     "CalibrationSpec",
+    "CertifiedSpec",
     "ConstraintSpec",
     "DatasetSpec",
     "Datasets",
@@ -175,6 +176,33 @@ class RetrainingSpec(_Strict):
     batch_size: int = Field(default=128, ge=1)
 
 
+class CertifiedSpec(_Strict):
+    """A third objective: what the genome's per-layer box certifies (``qlib.explore.certify``).
+
+    ``kind``: ``discrepancy`` (the mean certified worst-case discrepancy on the true-class
+    probability, minimised) or ``accuracy`` (the certified accuracy, logit margins above
+    ``margin``, maximised); over ``data`` (default: the first ``samples`` exploration images),
+    bounded with ``method`` (a name of ``qlib.bounds.available_methods()``).
+    """
+
+    kind: Literal["discrepancy", "accuracy"] = "discrepancy"
+    method: str = "crown-ibp"
+    samples: int = Field(default=64, ge=1)
+    margin: float = Field(default=0.0, ge=0)
+    data: DatasetSpec | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        from qlib import bounds
+
+        if v not in bounds.available_methods():
+            raise ValueError(
+                f"unknown bound method {v!r}; expected one of {', '.join(bounds.available_methods())}"
+            )
+        return v
+
+
 class ParallelSpec(_Strict):
     """Where evaluations run: ``serial``, a ``local`` Dask cluster, or a scheduler ``address``."""
 
@@ -205,14 +233,18 @@ class Workload(_Strict):
     layers: Literal["conv", "conv+linear"] = "conv+linear"
     batch_size: int = Field(default=1024, ge=1)
     parallel: ParallelSpec = ParallelSpec()
+    certified: CertifiedSpec | None = None
     name: str = ""
 
     def digest(self) -> str:
         """Hash of everything that decides an individual's evaluation (not NSGA-II or parallel
         settings), so a results file can be resumed or extended only by the same evaluations."""
         keep = self.model_dump(
-            mode="json", exclude={"nsga2", "parallel", "retraining", "name", "batch_size"}
+            mode="json",
+            exclude={"nsga2", "parallel", "retraining", "name", "batch_size", "certified"},
         )
+        if self.certified is not None:  # absent from older digests, which stay valid
+            keep["certified"] = self.certified.model_dump(mode="json")
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
     @property

@@ -1,0 +1,192 @@
+"""From a genome to a certificate: the per-layer box that contains its fake-quantised network.
+
+``genome_box(qnet, genome)`` builds the ``qlib.quant.LayerPerturbation`` around the float model
+that provably contains the ModelOpt fake-quantised network of ``genome``, as it is computed in
+float32 (``qlib.explore.fakequant``):
+
+- weights: ``eps_weight[k]`` is the measured ``max |W - q(W)|`` of layer ``k``, ``q`` being the
+  layer's own ModelOpt weight quantiser at the genome's bits (per tensor, its own max as range);
+- layer inputs: the input quantiser of layer ``k`` (signed, not narrow: ModelOpt's default;
+  scale ``s = fl32(M / amax)``, ``M = 2^(b-1) - 1``) computes ``fl32(clamp(round(fl32(x s)), -M-1,
+  M) / s)``, which for ``x >= 0`` equals ``min(x, M / s) + δ`` with ``|δ| <= 0.5 / s + 2.02 u
+  M / s`` (``u = 2^-24``: the rounding of the product and of the division). So the clip is
+  ``M / s`` and the radius ``0.5 / s + 3 u M / s``; for layer 0 they are the input's
+  (``input_clip``, ``eps_input``), for layer ``k > 0`` those of the hidden ReLU before it;
+- float32 evaluation: ``fl32(W_q h + b) = W_q h + b + e`` with ``|e| <= gamma_{n+2} (|W_q| h +
+  |b|)`` for a fan-in of ``n`` in any summation order (``qlib.bounds.rounding``), and ``h`` is at
+  most the clip plus the radius, so ``e`` joins the box as ``eps_bias[k]`` (biases are not
+  quantised). This assumes dot products (direct or im2col convolutions, as PyTorch's CPU
+  kernels compute them), not Winograd or FFT convolutions.
+
+``Certifier`` bounds a box over a fixed set of images with a named bound method and returns a
+``Certificate``: the certified mean discrepancy (``kind="discrepancy"``: the published measure on
+the true-class probability, per image, averaged) or the certified accuracy at a margin
+(``kind="accuracy"``). A box whose every bound is vacuous is ``"uncertifiable"`` (value 1 or 0),
+never an error.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from qlib import bounds
+from qlib.bounds import rounding
+from qlib.quant import LayerPerturbation
+
+__all__ = [
+    "CERTIFIED_KINDS",
+    "Certificate",
+    "CertifyError",
+    "Certifier",
+    "check_certifiable",
+    "genome_box",
+    "quantizer_clip",
+]
+
+CERTIFIED_KINDS = ("discrepancy", "accuracy")
+_U32 = 2.0**-24
+
+
+class CertifyError(ValueError):
+    """A model or quantised network that the certified objective cannot handle."""
+
+
+def _up(x: float) -> float:
+    return math.nextafter(x, math.inf)
+
+
+def quantizer_clip(amax: float, bits: int, unsigned: bool = False) -> tuple[float, float]:
+    """``(clip, radius)`` of a ModelOpt integer quantiser on non-negative inputs: its output is
+    ``min(x, clip) + δ`` with ``|δ| <= radius`` (see the module docstring)."""
+    if not math.isfinite(amax) or amax < 0:
+        raise CertifyError(f"amax must be finite and >= 0, got {amax!r}")
+    max_bound = 2.0 ** (bits - 1 + int(unsigned)) - 1.0
+    amax32 = torch.tensor(amax, dtype=torch.float32)
+    if float(amax32) <= 1.0 / (1 << 24):  # ModelOpt quantises everything to 0
+        return 0.0, 0.0
+    scale = float(torch.tensor(max_bound, dtype=torch.float32) / amax32)
+    clip = max_bound / scale
+    return clip, _up((0.5 / scale + 3 * _U32 * clip) * (1 + 1e-12))
+
+
+def _affine_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+
+
+def genome_box(qnet, genome: Sequence[int]) -> LayerPerturbation:
+    """The per-layer box around the float weights that contains ``qnet``'s network at ``genome``.
+
+    ``qnet`` is a ``fakequant.QuantNet`` whose every Linear and Conv2d layer is quantised (input
+    and weight) and has a calibrated input range; its bits are set to ``genome``. Raises
+    ``CertifyError`` naming the layer otherwise.
+    """
+    qnet.set_bits(genome)
+    names = _affine_names(qnet.model)
+    if list(qnet.layers) != names:
+        missing = [n for n in names if n not in qnet.layers]
+        raise CertifyError(
+            f"layers {missing} are not quantised: a certificate needs every Linear and Conv2d "
+            "layer quantised (workload key layers: conv+linear)"
+        )
+    mods = dict(qnet.model.named_modules())
+    clips, radii, eps_w, eps_b = [], [], [], []
+    for name in names:
+        m = mods[name]
+        iq, wq = m.input_quantizer, m.weight_quantizer
+        if iq.amax is None:
+            raise CertifyError(f"layer {name!r} has no calibrated input range (amax)")
+        clip, radius = quantizer_clip(float(iq.amax), int(iq.num_bits), bool(iq.unsigned))
+        W = m.weight.detach()
+        with torch.no_grad():
+            Wq = wq(W) if wq.is_enabled else W
+        diff = (W.double() - Wq.double()).abs().max().item()  # exact: float32 differences
+        eps_w.append(_up(diff) if diff > 0 else 0.0)
+        h_max = _up(clip + radius)
+        b = torch.zeros(len(W), dtype=torch.float64) if m.bias is None else m.bias.double().abs()
+        row = Wq.double().abs().reshape(len(W), -1).sum(1) * h_max + b
+        n = W[0].numel() + 2
+        tiny = torch.finfo(torch.float32).smallest_normal * torch.finfo(torch.float32).eps
+        e = rounding.factor(n, torch.float32) * row.max().item() * (1 + 1e-9) + (n + 8) * tiny
+        eps_b.append(_up(e))
+        clips.append(clip)
+        radii.append(radius)
+    return LayerPerturbation(
+        eps_input=radii[0],
+        eps_weight=tuple(eps_w),
+        eps_bias=tuple(eps_b),
+        eps_act=tuple(radii[1:]),
+        input_clip=clips[0],
+        act_clip=tuple(clips[1:]),
+    )
+
+
+def check_certifiable(model: nn.Module, in_shape: Sequence[int], method: str) -> None:
+    """Raise ``CertifyError`` naming the layer or method when ``model`` cannot be certified."""
+    if method not in bounds.available_methods():
+        raise CertifyError(
+            f"unknown bound method {method!r}; expected one of {bounds.available_methods()}"
+        )
+    try:
+        bounds.layers(model, in_shape)
+    except (TypeError, ValueError) as e:
+        raise CertifyError(f"bound method {method!r} cannot bound this model: {e}") from None
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """What a box certifies on the certification images: ``value`` (minimised: the mean certified
+    discrepancy, or minus the certified accuracy), ``status`` (``"certified"`` or
+    ``"uncertifiable"``: every bound vacuous), ``discrepancy`` (mean certified discrepancy,
+    ``nan`` for the accuracy kind), ``verified`` (certified accuracy, ``nan`` for the discrepancy
+    kind), ``seconds``."""
+
+    value: float
+    status: str
+    discrepancy: float
+    verified: float
+    seconds: float
+
+
+@dataclass
+class Certifier:
+    """Bounds boxes on ``X`` [N, *in_shape] with labels ``y`` [N] by ``method``; picklable."""
+
+    X: Tensor
+    y: Tensor
+    method: str = "crown-ibp"
+    kind: Literal["discrepancy", "accuracy"] = "discrepancy"
+    margin: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in CERTIFIED_KINDS:
+            raise CertifyError(f"certified kind {self.kind!r}; expected one of {CERTIFIED_KINDS}")
+        if self.method not in bounds.available_methods():
+            raise CertifyError(
+                f"unknown bound method {self.method!r}; expected one of "
+                f"{bounds.available_methods()}"
+            )
+
+    def __call__(self, model: nn.Sequential, box: LayerPerturbation) -> Certificate:
+        t0 = time.perf_counter()
+        if self.kind == "discrepancy":
+            dis = bounds.worst_case_discrepancy(model, self.X, self.y, box, self.method)
+            finite = dis.lower.isfinite().all(1) & dis.upper.isfinite().all(1) & dis.d.isfinite()
+            # Vacuous: the bound allows the true-class probability to reach both 0 and 1.
+            trivial = torch.maximum(dis.p0, 1 - dis.p0)
+            useful = finite & (dis.d < trivial - 1e-9)
+            d = torch.where(finite, dis.d, torch.ones_like(dis.d)).clamp(0, 1)
+            value = d.mean().item() if useful.any() else 1.0
+            status = "certified" if useful.any() else "uncertifiable"
+            return Certificate(value, status, value, math.nan, time.perf_counter() - t0)
+        low = bounds.margin_bounds(model, self.X, self.y, box, self.method)
+        verified = torch.nan_to_num(low, nan=-math.inf).gt(self.margin).all(1)
+        acc = verified.double().mean().item()
+        status = "certified" if verified.any() else "uncertifiable"
+        return Certificate(-acc, status, math.nan, acc, time.perf_counter() - t0)

@@ -1,0 +1,118 @@
+"""Certified mixed precision: genome boxes contain the real fake-quantised network; NSGA-II with a
+certified objective (budget: ~25 s, most of it training and calibrating digits-mlp once)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from qlib import bounds, models, zoo
+from qlib.explore import certify, context, fakequant, run
+from qlib.explore import workload as wl
+from qlib.explore.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "workloads" / "digits_tiny.yaml"
+CERTIFIED = {"certified": {"kind": "discrepancy", "method": "crown-ibp", "samples": 32}}
+
+
+@pytest.fixture(scope="module")
+def workload(tmp_path_factory) -> wl.Workload:
+    root = tmp_path_factory.mktemp("certified")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QLIB_CACHE", str(root / "cache"))
+        net = zoo.get("digits-mlp", epochs=30, progress=False)
+    checkpoint = models.save(net, root / "digits-mlp.pt")
+    w = wl.override(wl.load(TINY), CERTIFIED)
+    return w.model_copy(update={"model": w.model.model_copy(update={"checkpoint": checkpoint})})
+
+
+@pytest.fixture(scope="module")
+def prepared(workload) -> context.Prepared:
+    return context.prepare(workload)
+
+
+def test_quantizer_clip_contains_modelopt_outputs(prepared):
+    """Every output of a real ModelOpt input quantiser lies within ``radius`` of ``min(x, clip)``,
+    also far above the calibrated range, where the clip is what moves the value."""
+    q = prepared.evaluator.net
+    m = dict(q.model.named_modules())[q.layers[1]]
+    amax = float(m.input_quantizer.amax)
+    x = torch.linspace(0, 3 * amax, 20001).reshape(1, -1)
+    for bits in (2, 3, 5, 8, 12, 16):
+        m.input_quantizer.num_bits = bits
+        with torch.no_grad():
+            out = m.input_quantizer(x).double()
+        clip, radius = certify.quantizer_clip(amax, bits)
+        assert ((out - torch.clamp(x.double(), max=clip)).abs() <= radius).all(), bits
+        assert (out.max() <= clip + radius) and ((x.double() - out).max() > 1.5 * amax)
+    assert certify.quantizer_clip(0.0, 8) == (0.0, 0.0)
+
+
+def test_genome_box_contains_the_fake_quantised_logits(prepared):
+    ev = prepared.evaluator
+    X = ev.X
+    gen = torch.Generator().manual_seed(14)
+    genomes = [torch.randint(2, 9, (6,), generator=gen).tolist() for _ in range(6)] + [[16] * 6]
+    for genome in genomes:
+        box = ev.box(genome)
+        with torch.no_grad(), ev.net.frozen_weights():
+            z = ev.net.model(X).double()
+        for method in ("ibp", "crown-ibp"):
+            lower, upper = bounds.logit_bounds(ev.float_model, X, box, method)
+            assert bool(((lower <= z) & (z <= upper)).all()), (genome, method)
+    # 16 bits everywhere: the box is tight, the certificate useful.
+    assert (upper - lower).max() < 0.05
+
+
+def test_certified_objective_stored_and_resumed(prepared, workload, tmp_path):
+    path = tmp_path / "certified.sqlite"
+    with Store(path, workload.digest(), workload.name) as store:
+        ex = run.explore(prepared, store)
+        recs = store.records()
+        assert ex.evaluated == len(recs) > 0
+        assert all(len(r.objectives) == 3 for r in recs)
+        assert {r.status for r in recs} <= {"certified", "uncertifiable"}
+        front = run.pareto_front(store, objectives=(0, 1))
+        assert front and all(len(r.objectives) == 3 for r in front)
+    with Store(path, workload.digest(), workload.name) as store:  # a rerun evaluates nothing
+        assert run.explore(prepared, store).evaluated == 0
+        assert store.records() == recs
+    plain = wl.load(TINY)
+    assert plain.digest() != workload.digest()
+    assert "certified" not in plain.model_dump(exclude_none=True)
+
+
+def test_vacuous_box_is_uncertifiable_not_an_error(prepared):
+    ev = prepared.evaluator
+    cert = ev.certify([2] * 6)
+    assert cert.status == "uncertifiable" and cert.value == 1.0
+    good = ev.certify([16] * 6)
+    assert good.status == "certified" and 0 <= good.value < 0.01
+    acc = certify.Certifier(ev.certifier.X, ev.certifier.y, "crown-ibp", "accuracy")
+    assert acc(ev.float_model, ev.box([2] * 6)).status == "uncertifiable"
+    high = acc(ev.float_model, ev.box([16] * 6))
+    assert high.status == "certified" and high.value == -high.verified < -0.5
+
+
+def test_errors_name_the_layer_key_or_method(prepared, workload):
+    ev = prepared.evaluator
+    with pytest.raises(certify.CertifyError, match="layers: conv"):
+        context.certifier(workload.model_copy(update={"layers": "conv"}), prepared.model, {})
+    with pytest.raises(certify.CertifyError, match=r"no calibrated input range for layers \['1'"):
+        context.certifier(workload, prepared.model, {})
+    tanh = nn.Sequential(nn.Flatten(), nn.Linear(64, 4), nn.Tanh(), nn.Linear(4, 10))
+    with pytest.raises(certify.CertifyError, match=r"'ibp' cannot bound .*layer 2 \(Tanh\)"):
+        certify.check_certifiable(tanh, (1, 8, 8), "ibp")
+    with pytest.raises(certify.CertifyError, match="unknown bound method 'milp'"):
+        certify.Certifier(ev.X, ev.y, "milp")
+    with pytest.raises(wl.WorkloadError, match="certified.method: unknown bound method"):
+        wl.override(workload, {"certified": {"method": "exact"}})
+    partial = fakequant.QuantNet(ev.net.model, ev.net.layers[:2])  # the last layer left float
+    with pytest.raises(certify.CertifyError, match=r"layers \['5'\] are not quantised"):
+        certify.genome_box(partial, [8] * 4)
+    with pytest.raises(ValueError, match="no certified objective"):
+        context.Evaluator(**{**vars(ev), "certifier": None, "_net": None}).certify([8] * 6)
