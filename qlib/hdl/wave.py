@@ -14,7 +14,8 @@ __all__ = ["Waves", "first_time", "read_vcd", "plot_waves"]
 class Waves:
     """Signal values sampled at rising clock edges.
 
-    ``values[name]`` is ``[T]`` int64 (unknown bits read as 0), ``times`` ``[T]`` the edge times
+    ``values[name]`` is ``[T]`` int64 (object for buses of 63 bits or more; unknown bits read
+    as 0), ``times`` ``[T]`` the edge times
     in the VCD's time unit; ``widths[name]`` the signal width in bits.
     """
 
@@ -64,8 +65,9 @@ def read_vcd(
     for s in signals:
         sig = vcd[s]
         # the value that a flip-flop samples at the edge: the one just before it
-        values[s] = np.array([_to_int(sig[t - 1]) for t in edges], dtype=np.int64)
         widths[s] = int(sig.size)
+        dtype = np.int64 if widths[s] < 63 else object  # wide buses stay Python integers
+        values[s] = np.array([_to_int(sig[t - 1]) for t in edges], dtype=dtype)
     return Waves(times, values, widths)
 
 
