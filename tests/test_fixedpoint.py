@@ -184,3 +184,12 @@ def test_bad_input_is_refused(digits):
         evaluate_fixed_point(net, X, y, certify=-1)
     with pytest.raises(ValueError, match="models is empty"):
         ptq_sweep({}, X, y)
+
+
+def test_simulator_is_reexported_from_qlib_quant():
+    from qlib import fixedpoint, quant
+
+    for name in fixedpoint.__all__:
+        assert getattr(quant, name) is getattr(fixedpoint, name)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        quant.nope  # noqa: B018
