@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from qlib.store import ResultStore
 
-__all__ = ["SweepReport", "run", "dask_client", "SCHEDULER_ENV"]
+__all__ = ["SCHEDULER_ENV", "SweepReport", "dask_client", "run", "stream"]
 
 SCHEDULER_ENV = "QLIB_DASK_SCHEDULER"
 
@@ -135,7 +135,7 @@ def run(
             tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, disable=not progress)
         )
         solved, busy = 0, 0.0
-        for key, record, seconds in _results(fn, todo, context, client):
+        for key, record, seconds in stream(fn, todo, context, client):
             store.put(key, record, seconds=seconds)  # committed now: a kill keeps it
             solved += 1
             busy += seconds
@@ -143,17 +143,33 @@ def run(
     return SweepReport(solved, len(items) - len(todo), time.perf_counter() - t0, n_workers, busy)
 
 
-def _results(
-    fn: Callable, todo: list[tuple[str, Any]], context: Any, client: Any
-) -> Iterator[tuple[str, Any, float]]:
+def stream(
+    fn: Callable[[Any, Any], Any],
+    todo: Iterable[tuple[Any, Any]],
+    context: Any,
+    client: Any,
+    *,
+    warm: Callable[[Any], None] | None = None,
+) -> Iterator[tuple[Any, Any, float]]:
+    """``(key, fn(context, payload), seconds)`` for every ``(key, payload)`` of ``todo``, in
+    completion order: in this process (``client`` None) or on the cluster, with ``context``
+    shipped to every worker once. ``context`` may be a future that ``client.scatter`` returned
+    (shipped once for several calls); ``warm(context)`` then runs on every worker before the
+    first task (e.g. to build a network there). Ctrl-C or a failing task cancels the rest."""
+    todo = list(todo)
     if client is None:
         for key, payload in todo:
             record, seconds = _timed(fn, context, payload)
             yield key, record, seconds
         return
-    from distributed import as_completed
+    from distributed import Future, as_completed
 
-    remote = client.scatter(context, broadcast=True) if context is not None else None
+    remote = context
+    if context is not None and not isinstance(context, Future):
+        remote = client.scatter(context, broadcast=True)
+    if warm is not None:
+        workers = list(client.scheduler_info()["workers"])
+        client.gather([client.submit(warm, remote, workers=[w], pure=False) for w in workers])
     futures = {
         client.submit(
             _timed, fn, remote, payload, pure=False, key=f"qlib-sweep-{i}-{time.time_ns()}"

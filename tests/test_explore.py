@@ -1,6 +1,7 @@
 """Exploration: fake quantisation, caching, resume, store, weather and traffic models."""
 
 import dataclasses
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from qlib import data, models, zoo
 from qlib.explore import context, fakequant, finetune, run, traffic, weather
 from qlib.explore import workload as wl
-from qlib.explore.store import Store, StoreMismatch
+from qlib.explore.store import Record, Store, StoreError, StoreMismatch
 
 TINY = Path(__file__).resolve().parents[1] / "workloads" / "digits_tiny.yaml"
 
@@ -184,6 +185,43 @@ def test_results_of_another_workload_refused(workload, tmp_path):
     other = workload.model_copy(update={"bit_weighting": "published"})
     with pytest.raises(StoreMismatch, match="digits_tiny"):
         Store(path, other.digest())
+
+
+def test_exploration_results_use_the_common_store(workload, tmp_path):
+    """The exploration's file is a qlib.store.ResultStore (genome keys, digest as experiment); a
+    file that is not a database is refused with its name; a file of the earlier layout (table
+    ``evaluations``) is carried over, so an old run still resumes."""
+    from qlib.store import ResultStore
+
+    path = tmp_path / "r.sqlite"
+    rec = Record(0, (8, 4, 8, 4, 8, 4), (-0.9, 36.0), 0.9, -0.1, 0.5)
+    with Store(path, workload.digest(), workload.name) as store:
+        store.add(rec)
+    with ResultStore(path, workload.digest()) as common:
+        assert len(common) == 1 and common.records()[0]["accuracy"] == 0.9
+    with Store(path, workload.digest()) as store:
+        assert store.get([8, 4, 8, 4, 8, 4]) == rec
+    bad = tmp_path / "bad.sqlite"
+    bad.write_text("not a database")
+    with pytest.raises(StoreError, match="bad.sqlite"):
+        Store(bad, workload.digest())
+    old = tmp_path / "old.sqlite"
+    db = sqlite3.connect(old)
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+    db.execute(
+        "CREATE TABLE evaluations (id INTEGER PRIMARY KEY AUTOINCREMENT, generation INTEGER, "
+        "genome TEXT UNIQUE, objectives TEXT, accuracy REAL, constraint_value REAL, seconds REAL, "
+        "created REAL)"
+    )
+    db.execute("INSERT INTO meta VALUES ('workload_digest', ?)", (workload.digest(),))
+    db.execute(
+        "INSERT INTO evaluations VALUES (1, 0, '[8, 4, 8, 4, 8, 4]', '[-0.9, 36.0]', 0.9, -0.1, "
+        "0.5, 0)"
+    )
+    db.commit()
+    db.close()
+    with Store(old, workload.digest()) as store:
+        assert store.records() == [rec]
 
 
 def test_bit_weighting():

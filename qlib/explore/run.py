@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
+from qlib import sweep
 from qlib.explore.context import Evaluator, Prepared
 from qlib.explore.problems import BitWidthProblem
 from qlib.explore.store import Record, Store
@@ -91,26 +92,16 @@ class CachedEvaluation:
     def _run(self, todo: list[Genome]) -> Iterator[tuple[Genome, tuple]]:
         if not todo:
             return
-        if self.client is None:
-            for g in todo:
-                yield g, self.evaluator(g)
-            return
-        from distributed import as_completed
-
-        if self._remote is None:  # ship the model and data to every worker once
+        warm = None
+        if self.client is not None and self._remote is None:
+            # The model and data go to every worker once, and each worker imports ModelOpt
+            # and builds its network before its first genome.
             self._remote = self.client.scatter(self.evaluator, broadcast=True)
-            # Each worker imports ModelOpt and builds its network now, not during its first genome.
-            workers = list(self.client.scheduler_info()["workers"])
-            self.client.gather(
-                [self.client.submit(_build, self._remote, workers=[w], pure=False) for w in workers]
-            )
-        futures = {self.client.submit(_call, self._remote, g, pure=False): g for g in todo}
-        try:
-            for fut in as_completed(futures):
-                yield futures[fut], fut.result()
-        finally:
-            for fut in futures:  # on Ctrl-C, do not leave work running on the cluster
-                fut.cancel()
+            warm = _build
+        context = self.evaluator if self.client is None else self._remote
+        tasks = [(g, g) for g in todo]
+        for genome, result, _ in sweep.stream(_call, tasks, context, self.client, warm=warm):
+            yield genome, result
 
 
 def _call(evaluator: Evaluator, genome: Genome) -> tuple:
@@ -123,36 +114,19 @@ def _build(evaluator: Evaluator) -> None:
 
 @contextlib.contextmanager
 def dask_client(spec: ParallelSpec, threads_per_worker: int = 1, *, quiet: bool = False):
-    """A Dask client for ``spec``: None (serial), a LocalCluster, or a remote scheduler.
-
-    ``quiet`` keeps Dask's informational and shutdown warnings out of a notebook's output.
-    """
+    """A Dask client for ``spec`` through ``qlib.sweep.dask_client``: None (serial), a
+    LocalCluster of ``spec.workers`` processes, or the scheduler at ``spec.address`` (or
+    ``$QLIB_DASK_SCHEDULER``). ``quiet`` keeps Dask's informational and shutdown warnings out of
+    a notebook's output."""
     if spec.mode == "serial":
         yield None
         return
-    import dask
-    from distributed import Client, LocalCluster
+    if quiet:
+        import distributed  # noqa: F401  (its import sets its loggers' levels; override after)
 
-    if quiet:  # after the import, which sets the loggers' levels itself
         logging.getLogger("distributed").setLevel(logging.ERROR)
-
-    if spec.mode == "address":
-        with Client(spec.address) as client:
-            yield client
-        return
-    # Dask's nannies set MALLOC_TRIM_THRESHOLD_=65536, so every large tensor is returned to the
-    # OS and faulted in again: torch forward passes ran 3-4x slower in workers. Unset it.
-    no_trim = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
-    with (
-        dask.config.set(no_trim),
-        LocalCluster(
-            n_workers=spec.workers,
-            threads_per_worker=threads_per_worker,
-            processes=True,
-            dashboard_address=None,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    scheduler = spec.address if spec.mode == "address" else None
+    with sweep.dask_client(scheduler, spec.workers, threads_per_worker) as client:
         yield client
 
 

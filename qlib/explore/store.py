@@ -1,27 +1,33 @@
-"""SQLite results store of an exploration, which is also the evaluation cache.
+"""The results store of an exploration, which is also the evaluation cache.
 
 Every evaluated individual is appended (and committed) as soon as its evaluation finishes:
-generation, genome, objectives, accuracy, constraint value, seconds. An interrupted run
-therefore loses nothing, and a rerun finds every finished genome here instead of evaluating
-it again. A file belongs to one workload (its ``Workload.digest()``); opening it for another
-raises ``StoreMismatch``.
+generation, genome, objectives, accuracy, constraint value, seconds, certificate status. An
+interrupted run therefore loses nothing, and a rerun finds every finished genome here instead
+of evaluating it again. It is the library's one results store (``qlib.store.ResultStore``) with
+the genome as task key and the workload digest as experiment: opening a file of another
+workload raises ``StoreMismatch``, a file that is not a results database ``StoreError``.
+Files written before the common store (a table ``evaluations``) are read and carried over.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import sqlite3
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qlib import store as common
+from qlib.store import StoreError
+
 __all__ = [
     "Record",
     "Store",
+    "StoreError",
     "StoreMismatch",
     "default_dir",
     "results_file",
@@ -48,7 +54,7 @@ def results_file(w: Workload, tag: str = "", folder: str | os.PathLike | None = 
     return folder / f"{w.name}-{w.digest()}-{search[:8]}{tag}.sqlite"
 
 
-class StoreMismatch(ValueError):
+class StoreMismatch(common.StoreMismatch):
     """The results file was written for a different workload."""
 
 
@@ -66,6 +72,17 @@ class Record:
     status: str = ""
 
 
+def _key(genome: Sequence[int]) -> str:
+    return common.task_key(genome=[int(g) for g in genome])
+
+
+def _record(raw: dict) -> Record:
+    raw = dict(raw)
+    raw["genome"] = tuple(raw["genome"])
+    raw["objectives"] = tuple(raw["objectives"])
+    return Record(**raw)
+
+
 class Store:
     """Results of one workload in an SQLite file (``":memory:"`` for a throw-away store)."""
 
@@ -73,44 +90,50 @@ class Store:
         self, path: str | os.PathLike, workload_digest: str, workload_name: str = ""
     ) -> None:
         self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path)
-        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS evaluations (id INTEGER PRIMARY KEY AUTOINCREMENT, "
-            "generation INTEGER, genome TEXT UNIQUE, objectives TEXT, accuracy REAL, "
-            "constraint_value REAL, seconds REAL, created REAL, status TEXT DEFAULT '')"
-        )
-        columns = [r[1] for r in self._db.execute("PRAGMA table_info(evaluations)").fetchall()]
-        if "status" not in columns:  # a file from before certified objectives
-            self._db.execute("ALTER TABLE evaluations ADD COLUMN status TEXT DEFAULT ''")
-            self._db.commit()
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'workload_digest'").fetchone()
-        if row is None:
-            self._db.executemany(
-                "INSERT INTO meta VALUES (?, ?)",
-                [
-                    ("workload_digest", workload_digest),
-                    ("workload_name", workload_name),
-                    ("created", str(time.time())),
-                ],
+        try:
+            self.results = common.ResultStore(
+                self.path, workload_digest, meta={"workload_name": workload_name}
             )
-            self._db.commit()
-        elif row[0] != workload_digest:
-            name = self.meta().get("workload_name", "?")
+        except common.StoreMismatch:
+            name = _stored_name(self.path)
             raise StoreMismatch(
-                f"{self.path} holds results of workload {name!r} (digest {row[0]}), not of this "
-                f"workload (digest {workload_digest}); use another results file"
-            )
+                f"{self.path} holds results of workload {name!r}, not of this workload (digest "
+                f"{workload_digest}); use another results file"
+            ) from None
         self._cache = {r.genome: r for r in self.records()}
+        if self.path != ":memory:" and not self._cache:
+            self._carry_over(workload_digest)
 
-    def meta(self) -> dict[str, str]:
-        return dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+    def _carry_over(self, digest: str) -> None:
+        """Copy the rows of a file written before the common store, if this is one."""
+        db = sqlite3.connect(self.path)
+        try:
+            tables = {t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if "evaluations" not in tables:
+                return
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            if meta.get("workload_digest", digest) != digest:
+                raise StoreMismatch(
+                    f"{self.path} holds results of workload {meta.get('workload_name', '?')!r} "
+                    f"(digest {meta.get('workload_digest')}), not of this workload (digest "
+                    f"{digest}); use another results file"
+                )
+            cols = [c[1] for c in db.execute("PRAGMA table_info(evaluations)").fetchall()]
+            status = "status" if "status" in cols else "''"
+            rows = db.execute(
+                "SELECT generation, genome, objectives, accuracy, constraint_value, seconds, "
+                f"{status} FROM evaluations ORDER BY id"
+            ).fetchall()
+        finally:
+            db.close()
+        for g, x, f, a, c, s, st in rows:
+            self.add(Record(g, tuple(json.loads(x)), tuple(json.loads(f)), a, c, s, st or ""))
+
+    def meta(self) -> dict:
+        return self.results.meta()
 
     def set_meta(self, key: str, value: object) -> None:
-        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
-        self._db.commit()
+        self.results.set_meta(key, value)
 
     def get(self, genome: Sequence[int]) -> Record | None:
         """The stored evaluation of ``genome``, or None."""
@@ -118,33 +141,13 @@ class Store:
 
     def add(self, rec: Record) -> None:
         """Append one evaluation and commit at once (so an interruption keeps it)."""
-        self._db.execute(
-            "INSERT OR IGNORE INTO evaluations (generation, genome, objectives, accuracy, "
-            "constraint_value, seconds, created, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                rec.generation,
-                json.dumps(list(rec.genome)),
-                json.dumps(list(rec.objectives)),
-                rec.accuracy,
-                rec.constraint,
-                rec.seconds,
-                time.time(),
-                rec.status,
-            ),
-        )
-        self._db.commit()
-        self._cache.setdefault(rec.genome, rec)
+        genome = tuple(int(g) for g in rec.genome)
+        self.results.put(_key(genome), dataclasses.asdict(rec), seconds=rec.seconds)
+        self._cache.setdefault(genome, rec)
 
     def records(self) -> list[Record]:
         """Every evaluation in the order it finished."""
-        rows = self._db.execute(
-            "SELECT generation, genome, objectives, accuracy, constraint_value, seconds, status "
-            "FROM evaluations ORDER BY id"
-        ).fetchall()
-        return [
-            Record(g, tuple(json.loads(x)), tuple(json.loads(f)), a, c, s, st or "")
-            for g, x, f, a, c, s, st in rows
-        ]
+        return [_record(r) for r in self.results.records()]
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -153,9 +156,8 @@ class Store:
         """All records as a ``pandas.DataFrame`` (one column per gene and objective)."""
         import pandas as pd
 
-        recs = self.records()
         rows = []
-        for r in recs:
+        for r in self.records():
             row = {
                 "generation": r.generation,
                 "accuracy": r.accuracy,
@@ -169,10 +171,20 @@ class Store:
         return pd.DataFrame(rows)
 
     def close(self) -> None:
-        self._db.close()
+        self.results.close()
 
     def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _stored_name(path: str) -> str:
+    """The workload name in the meta of the results file at ``path`` (``"?"`` if none)."""
+    db = sqlite3.connect(path)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = 'workload_name'").fetchone()
+    finally:
+        db.close()
+    return json.loads(row[0]) if row else "?"
