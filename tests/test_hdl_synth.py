@@ -3,6 +3,7 @@
 Skipped with the reason when yosys is missing. Budget: about 5 s.
 """
 
+import os
 import shutil
 
 import pytest
@@ -37,3 +38,14 @@ def test_bad_target_and_missing_tool(monkeypatch):
         sim.ToolMissing, match="yosys not found on PATH: install the Debian package yosys"
     ):
         synth.synthesize("nc_lane")
+
+
+@pytest.mark.hdl_long
+@pytest.mark.skipif(
+    os.environ.get("QLIB_TEST_PROFILE") != "full",
+    reason="place and route takes about 20 s: set QLIB_TEST_PROFILE=full",
+)
+@pytest.mark.skipif(shutil.which("nextpnr-ice40") is None, reason="nextpnr-ice40 not installed")
+def test_place_and_route_one_lane_gives_a_frequency():
+    r = synth.place_and_route_ice40()
+    assert 1 < r.fmax_mhz < 500 and r.utilisation["ICESTORM_DSP"].startswith("3/")

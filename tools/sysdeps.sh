@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the book needs, or says exactly what to install.
-# iverilog and yosys: the number-converter chapter simulates (Icarus) and synthesises its Verilog.
+# iverilog, yosys, nextpnr-ice40: the number-converter chapter simulates (Icarus), synthesises its
+# Verilog and places and routes one lane for the only open clock-frequency estimate.
 # texlive-xetex: matplotlib's PGF backend measures text with xelatex (Pareto fronts exported
 # for papers); without it the chapter falls back to a pgfplots file.
 set -euo pipefail
-PACKAGES=(dataset-fashion-mnist texlive-xetex iverilog yosys)
+PACKAGES=(dataset-fashion-mnist texlive-xetex iverilog yosys nextpnr-ice40)
 # chromium, chromium-driver: the browser test reads the built book in headless Chromium.
 # make pdf: latexmk and the TeX Live parts of Jupyter Book's LaTeX build (xelatex, FreeSerif).
 PACKAGES+=(chromium chromium-driver latexmk texlive-latex-recommended texlive-latex-extra

@@ -6,12 +6,12 @@ module nc_compress (
     input  wire [4:0]  fill,
     input  wire [15:0] code,
     input  wire [4:0]  n,
+    input  wire [15:0] mask,     // 2^n - 1 (computed once per job)
     output wire [31:0] acc_next,
     output wire [4:0]  fill_next,
     output wire        emit,
     output wire [15:0] word
 );
-    wire [15:0] mask = (n >= 5'd16) ? 16'hFFFF : ((16'd1 << n) - 16'd1);
     wire [31:0] merged = acc | ({16'd0, code & mask} << fill);
     wire [5:0]  f2 = {1'b0, fill} + {1'b0, n};                  // <= 31
     assign emit = (f2 >= 6'd16);

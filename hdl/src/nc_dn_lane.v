@@ -1,6 +1,6 @@
 // Downstream lane: bfloat16 values in, packed n-bit words out.
-// Pipeline: x * inv_scale (exact significand product) -> A | round, saturate -> B |
-// compressor -> FIFO (2 entries). A packet ends at the input tlast; the last word is padded
+// Pipeline: x * inv_scale (exact significand product) -> A | float32 rounding -> B |
+// integer rounding -> C | saturation -> D | compressor -> FIFO (2 entries). A packet ends at the input tlast; the last word is padded
 // with zero bits and carries tlast. If the last value completes one word and starts another,
 // the second leaves in a one-cycle flush.
 `default_nettype none
@@ -26,14 +26,18 @@ module nc_dn_lane (
 );
     reg        busy, tl_seen, flush;
     reg [4:0]  n;
-    reg        narrow;
+    reg [15:0] mask;             // 2^n - 1
+    reg [16:0] hi, lomag;        // saturation bounds: [-lomag, hi]
     reg [31:0] inv;
-    reg        vA, lastA, vB, lastB;
-    reg [1:0]  kindA;
-    reg        signA;
+    reg        vA, lastA, vB, lastB, vC, lastC, vD, lastD;
+    reg [1:0]  kindA, kindB, kindC;
+    reg        signA, signB, signC, bigC;
+    reg [16:0] magC;
     reg [9:0]  eA;
     reg [31:0] prodA;
-    reg [15:0] codeB;
+    reg [23:0] m24B;
+    reg [10:0] e2B;
+    reg [15:0] codeD;
     reg [31:0] acc;
     reg [4:0]  fill;
 
@@ -48,26 +52,32 @@ module nc_dn_lane (
     wire [31:0] prod;
     nc_quant_mul u_qm (.x(s_data), .s(inv), .kind(kind), .sign(sign), .e(e), .prod(prod),
                        .x_nan(x_nan), .x_inf(x_inf));
+    wire [23:0] m24;
+    wire [10:0] e2;
+    nc_quant_round u_qr (.e(eA), .prod(prodA), .m24(m24), .e2(e2));
+    wire [16:0] mag;
+    wire        big;
+    nc_quant_int u_qi (.m24(m24B), .e2(e2B), .mag(mag), .big(big));
     wire [15:0] code;
     wire        sat;
-    nc_quant_round u_qr (.kind(kindA), .sign(signA), .e(eA), .prod(prodA), .n(n), .narrow(narrow),
-                         .code(code), .sat(sat));
+    nc_quant_sat u_qs (.kind(kindC), .sign(signC), .mag(magC), .big(bigC), .hi(hi), .lomag(lomag),
+                       .code(code), .sat(sat));
     wire [31:0] acc_next;
     wire [4:0]  fill_next;
     wire        emit;
     wire [15:0] word;
-    nc_compress u_cp (.acc(acc), .fill(fill), .code(codeB), .n(n), .acc_next(acc_next),
+    nc_compress u_cp (.acc(acc), .fill(fill), .code(codeD), .n(n), .mask(mask), .acc_next(acc_next),
                       .fill_next(fill_next), .emit(emit), .word(word));
 
     assign ev_nan = accept && x_nan;
     assign ev_inf = accept && x_inf;
-    assign ev_sat = en && vA && sat;
+    assign ev_sat = en && vC && sat;
 
-    wire step = en && vB;
+    wire step = en && vD;
     // the word pushed this cycle: a flush, or a full word, or the padded last word
-    wire        push = (flush && space) || (step && (emit || lastB));
+    wire        push = (flush && space) || (step && (emit || lastD));
     wire [15:0] pword = flush ? acc[15:0] : word;
-    wire        plast = flush || (step && lastB && !(emit && fill_next != 5'd0));
+    wire        plast = flush || (step && lastD && !(emit && fill_next != 5'd0));
     nc_fifo #(.WIDTH(17), .DEPTH(2)) u_out (
         .clk(clk), .rst(rst), .push(push), .din({plast, pword}), .space(space),
         .valid(f_valid), .dout({m_last, m_data}), .ready(m_ready));
@@ -76,13 +86,20 @@ module nc_dn_lane (
 
     always @(posedge clk) begin
         if (rst) begin
-            busy <= 1'b0; tl_seen <= 1'b0; flush <= 1'b0; n <= 5'd16; narrow <= 1'b0;
-            inv <= 32'd0; vA <= 1'b0; vB <= 1'b0; lastA <= 1'b0; lastB <= 1'b0;
-            acc <= 32'd0; fill <= 5'd0; kindA <= 2'd0; signA <= 1'b0; eA <= 10'd0;
-            prodA <= 32'd0; codeB <= 16'd0;
+            busy <= 1'b0; tl_seen <= 1'b0; flush <= 1'b0; n <= 5'd16; mask <= 16'hFFFF;
+            hi <= 17'd0; lomag <= 17'd0;
+            inv <= 32'd0; vA <= 1'b0; vB <= 1'b0; vC <= 1'b0; lastA <= 1'b0; lastB <= 1'b0;
+            lastC <= 1'b0; acc <= 32'd0; fill <= 5'd0; kindA <= 2'd0; signA <= 1'b0;
+            eA <= 10'd0; prodA <= 32'd0; kindB <= 2'd0; signB <= 1'b0; m24B <= 24'd0;
+            e2B <= 11'd0; vD <= 1'b0; lastD <= 1'b0; kindC <= 2'd0; signC <= 1'b0;
+            bigC <= 1'b0; magC <= 17'd0; codeD <= 16'd0;
         end else if (start) begin
-            busy <= 1'b1; tl_seen <= 1'b0; flush <= 1'b0; n <= n_cfg; narrow <= narrow_cfg;
-            inv <= inv_cfg; vA <= 1'b0; vB <= 1'b0; acc <= 32'd0; fill <= 5'd0;
+            busy <= 1'b1; tl_seen <= 1'b0; flush <= 1'b0; n <= n_cfg;
+            mask <= (n_cfg >= 5'd16) ? 16'hFFFF : ((16'd1 << n_cfg) - 16'd1);
+            hi <= (17'd1 << (n_cfg - 5'd1)) - 17'd1;
+            lomag <= (17'd1 << (n_cfg - 5'd1)) - {16'd0, narrow_cfg};
+            inv <= inv_cfg; vA <= 1'b0; vB <= 1'b0; vC <= 1'b0; vD <= 1'b0; acc <= 32'd0;
+            fill <= 5'd0;
         end else begin
             if (accept && s_last) tl_seen <= 1'b1;
             if (flush && space) begin
@@ -91,9 +108,13 @@ module nc_dn_lane (
             if (en) begin
                 vA <= accept; lastA <= s_last; kindA <= kind; signA <= sign; eA <= e;
                 prodA <= prod;
-                vB <= vA; lastB <= lastA; codeB <= code;
-                if (vB) begin
-                    if (lastB) begin
+                vB <= vA; lastB <= lastA; kindB <= kindA; signB <= signA; m24B <= m24;
+                e2B <= e2;
+                vC <= vB; lastC <= lastB; kindC <= kindB; signC <= signB; magC <= mag;
+                bigC <= big;
+                vD <= vC; lastD <= lastC; codeD <= code;
+                if (vD) begin
+                    if (lastD) begin
                         if (emit && fill_next != 5'd0) begin
                             flush <= 1'b1; acc <= acc_next; fill <= fill_next;
                         end else begin

@@ -6,13 +6,12 @@
 module nc_extract (
     input  wire [31:0] window,
     input  wire [3:0]  ptr,
-    input  wire [4:0]  n,        // 2..16 (checked by the top level)
+    input  wire [15:0] mask,     // 2^n - 1, n in 2..16 (computed once per job)
     output wire [15:0] value     // sign-extended to 16 bits
 );
     wire [31:0] shifted = window >> ptr;
-    wire [15:0] mask = (n >= 5'd16) ? 16'hFFFF : ((16'd1 << n) - 16'd1);
     wire [15:0] raw = shifted[15:0] & mask;
-    wire [15:0] top = raw >> (n - 5'd1);
-    assign value = top[0] ? (raw | ~mask) : raw;
+    wire        sign = |(raw & ~(mask >> 1));             // bit n-1, the only bit left
+    assign value = sign ? (raw | ~mask) : raw;
 endmodule
 `default_nettype wire

@@ -31,6 +31,7 @@ module nc_up_lane (
 );
     reg        busy, tl_seen;
     reg [4:0]  n;
+    reg [15:0] mask;             // 2^n - 1
     reg [15:0] scale;
     reg [31:0] left;
     reg [15:0] w0, w1;
@@ -55,7 +56,7 @@ module nc_up_lane (
                      (busy && left == 32'd0 && cnt > {1'b0, ptr != 4'd0});
 
     wire [15:0] value, bf, prod;
-    nc_extract u_ext (.window({w1, w0}), .ptr(ptr), .n(n), .value(value));
+    nc_extract u_ext (.window({w1, w0}), .ptr(ptr), .mask(mask), .value(value));
     nc_int2bf16 u_i2f (.value(int1), .bf(bf));
     nc_bf16_mul u_mul (.a(bf2), .b(scale), .p(prod));
     nc_fifo #(.WIDTH(17), .DEPTH(2)) u_out (
@@ -68,9 +69,11 @@ module nc_up_lane (
         if (rst) begin
             busy <= 1'b0; tl_seen <= 1'b0; left <= 32'd0; cnt <= 2'd0; ptr <= 4'd0;
             w0 <= 16'd0; w1 <= 16'd0; v1 <= 1'b0; v2 <= 1'b0; n <= 5'd16; scale <= 16'd0;
+            mask <= 16'hFFFF;
             last1 <= 1'b0; last2 <= 1'b0; int1 <= 16'd0; bf2 <= 16'd0;
         end else if (start) begin
             busy <= 1'b1; n <= n_cfg; scale <= scale_cfg; left <= count_cfg;
+            mask <= (n_cfg >= 5'd16) ? 16'hFFFF : ((16'd1 << n_cfg) - 16'd1);
             tl_seen <= (count_cfg == 32'd0);    // an empty job reads nothing
             cnt <= 2'd0; ptr <= 4'd0; w0 <= 16'd0; w1 <= 16'd0;
         end else begin

@@ -4,20 +4,25 @@
 CARRY4) or ``synth_ice40`` (SB_LUT4, SB_DFF*, SB_MAC16 with ``-dsp``, SB_CARRY) and reads
 ``stat -json``. These are technology-mapped cell counts before placement: no vendor timing
 closure, no routing, and yosys's LUT packing differs from a vendor tool's.
+
+``place_and_route_ice40`` gives the one timing figure an open Debian flow offers: nextpnr-ice40
+places and routes one lane (``hdl/fpga/nc_lane_fmax.v``: inputs from an on-chip LFSR, outputs
+folded into one pin, so it fits the I/O of an iCE40 UP5K) and reports its maximum frequency.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .sim import require, sources
+from .sim import HDL_DIR, require, sources
 
-__all__ = ["TARGETS", "SynthResult", "synthesize"]
+__all__ = ["TARGETS", "SynthResult", "synthesize", "PnrResult", "place_and_route_ice40"]
 
 TARGETS = {
     "xilinx": "synth_xilinx -family xc7 -flatten -top {top}",
@@ -90,3 +95,64 @@ def synthesize(
     design = data.get("design") or mods.get(top) or next(iter(mods.values()))
     cells = {k: int(v) for k, v in design.get("num_cells_by_type", {}).items()}
     return SynthResult(top, target, params, cells, wall)
+
+
+@dataclass(frozen=True)
+class PnrResult:
+    """nextpnr-ice40 on one lane: maximum frequency after routing, device use."""
+
+    device: str
+    fmax_mhz: float
+    utilisation: dict[str, str]
+    wall_s: float
+
+
+def place_and_route_ice40(
+    *, device: str = "up5k", package: str = "sg48", seed: int = 1, timeout_s: float = 900
+) -> PnrResult:
+    """Synthesise ``hdl/fpga/nc_lane_fmax.v`` (one lane) with ``synth_ice40 -dsp`` and place and
+    route it with nextpnr-ice40; the maximum frequency is nextpnr's estimate after routing."""
+    yosys, pnr = require("yosys"), require("nextpnr-ice40")
+    harness = HDL_DIR / "fpga" / "nc_lane_fmax.v"
+    files = " ".join(str(f) for f in [*sources(), harness])
+    with tempfile.TemporaryDirectory(prefix="qlib-pnr-") as tmp:
+        net = Path(tmp) / "lane.json"
+        t0 = time.perf_counter()
+        res = subprocess.run(
+            [
+                yosys,
+                "-q",
+                "-p",
+                f"read_verilog {files}; synth_ice40 -dsp -top nc_lane_fmax -json {net}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+        if res.returncode != 0:
+            raise RuntimeError(f"yosys failed on nc_lane_fmax:\n{res.stderr[-2000:]}")
+        res = subprocess.run(
+            [
+                pnr,
+                f"--{device}",
+                "--package",
+                package,
+                "--json",
+                str(net),
+                "--pcf-allow-unconstrained",
+                "--freq",
+                "12",
+                "--seed",
+                str(seed),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+        wall = time.perf_counter() - t0
+    log = res.stderr
+    fmax = re.findall(r"Max frequency for clock '[^']*clk[^']*': ([0-9.]+) MHz", log)
+    if not fmax:
+        raise RuntimeError(f"nextpnr-ice40 gave no frequency ({res.returncode}):\n{log[-2000:]}")
+    util = dict(re.findall(r"Info:\s+(ICESTORM_\w+|SB_\w+):\s+(\d+/\s*\d+)", log))
+    return PnrResult(f"iCE40 {device.upper()} ({package})", float(fmax[-1]), util, wall)

@@ -1,0 +1,20 @@
+// Timing harness for place and route: a lane whose inputs come from an on-chip LFSR and whose
+// outputs are folded into one registered pin, so that it fits a small FPGA's I/O.
+`default_nettype none
+module nc_lane_fmax (input wire clk, input wire rst, output reg out);
+    reg [127:0] lfsr;
+    wire fb = lfsr[127] ^ lfsr[125] ^ lfsr[100] ^ lfsr[98];
+    always @(posedge clk) lfsr <= rst ? 128'h1 : {lfsr[126:0], fb};
+    wire [44:0] o;
+    nc_lane u (
+        .clk(clk), .rst(rst), .up_start(lfsr[0]), .dn_start(lfsr[1]), .n_cfg(lfsr[6:2]),
+        .narrow_cfg(lfsr[7]), .scale_cfg(lfsr[23:8]), .inv_cfg(lfsr[55:24]),
+        .count_cfg({24'd0, lfsr[63:56]}),
+        .up_s_valid(lfsr[64]), .up_s_data(lfsr[80:65]), .up_s_last(lfsr[81]), .up_s_ready(o[0]),
+        .up_m_valid(o[1]), .up_m_data(o[17:2]), .up_m_last(o[18]), .up_m_ready(lfsr[82]),
+        .dn_s_valid(lfsr[83]), .dn_s_data(lfsr[99:84]), .dn_s_last(lfsr[100]), .dn_s_ready(o[19]),
+        .dn_m_valid(o[20]), .dn_m_data(o[36:21]), .dn_m_last(o[37]), .dn_m_ready(lfsr[101]),
+        .up_active(o[38]), .dn_active(o[39]), .events(o[44:40]));
+    always @(posedge clk) out <= ^o;
+endmodule
+`default_nettype wire
