@@ -204,12 +204,12 @@ def test_zero_length_and_one_value_streams(vvp):
     assert hm.bits_bf16(one.up_values).tolist() == [[90.0, -1.0]]
 
 
-def test_missing_tool_is_named(monkeypatch):
-    monkeypatch.setenv("PATH", "/nonexistent")
+def test_missing_tool_is_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(
         sim.ToolMissing, match="iverilog not found on PATH: install the Debian package iverilog"
     ):
-        sim.build_stream_tb(1, "/tmp/unused")
+        sim.build_stream_tb(1, tmp_path)
 
 
 def test_compile_error_is_reported(tmp_path):

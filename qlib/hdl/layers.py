@@ -9,7 +9,6 @@ multiple of the lane count; each lane packs its share densely.
 from __future__ import annotations
 
 import os
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,18 +82,19 @@ def front_member(workload_name: str, folder: str | os.PathLike | None = None) ->
     results folder) and its cheapest feasible front member (lowest cost objective); None when
     no such file or no feasible point exists."""
     from qlib.explore import run
-    from qlib.explore.store import Store, default_dir
+    from qlib.explore.store import Store, StoreMismatch, default_dir
 
     folder = Path(folder) if folder is not None else default_dir()
     files = sorted(folder.glob(f"{workload_name}-*.sqlite"), key=lambda p: p.stat().st_mtime)
     for path in reversed(files):
-        with sqlite3.connect(path) as db:  # the file's own workload digest, to open it as a Store
-            row = db.execute("SELECT value FROM meta WHERE key = 'workload_digest'").fetchone()
-        if row is None:
+        # results_file names a file <workload>-<digest>-<search settings>[tag].sqlite
+        digest = path.stem[len(workload_name) + 1 :].split("-")[0]
+        try:
+            with Store(path, digest, workload_name) as store:
+                front = run.pareto_front(store)
+                n = len(store)
+        except StoreMismatch:
             continue
-        with Store(path, row[0], workload_name) as store:
-            front = run.pareto_front(store)
-            n = len(store)
         if front:
             best = min(front, key=lambda r: r.objectives[-1])
             return FrontMember(path, tuple(best.genome), best.accuracy, tuple(best.objectives), n)
