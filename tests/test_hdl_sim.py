@@ -164,6 +164,13 @@ def test_zero_and_special_scales(vvp):
         r = _run_and_check(vvp, n=6, words=words, count=10, scale=scale, dn=dn, inv=inv)
         assert "UP_ERR_SCALE" in hm.status_names(r.up_status)
         assert "DN_ERR_SCALE" in hm.status_names(r.dn_status)
+    # the largest and smallest normal scales: products overflow to infinity, quantised codes
+    # saturate or vanish
+    _, words16 = _stimulus(rng, 16, 10)
+    for scale, inv in [(0x7F00, 0x7F000000), (0x0080, 0x00800000), (0x7F7F, 0x7F7FFFFF)]:
+        r = _run_and_check(vvp, n=16, words=words16, count=10, scale=scale, dn=dn, inv=inv)
+        assert hm.status_names(r.up_status) == ["UP_DONE"]
+    assert (r.up_values & 0x7FFF == 0x7F80).any()  # infinities from overflow
 
 
 def test_nan_and_infinity_inputs(vvp):
