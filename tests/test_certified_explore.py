@@ -68,6 +68,21 @@ def test_genome_box_contains_the_fake_quantised_logits(prepared):
     assert (upper - lower).max() < 0.05
 
 
+def test_cnn_genome_box_contains_the_fake_quantised_logits():
+    """Convolutions too (sound, not exact: the bounds let each position pick its weight error)."""
+    net = models.cnn([1, 8, 8], 10, channels=(3, 4), hidden=6, seed=5).eval()
+    gen = torch.Generator().manual_seed(5)
+    X = torch.rand(48, 1, 8, 8, generator=gen) ** 2
+    q = fakequant.quantize(net, X[:32], method="percentile")
+    for _ in range(4):
+        genome = torch.randint(2, 17, (q.n_genes,), generator=gen).tolist()
+        box = certify.genome_box(q, genome)
+        with torch.no_grad(), q.frozen_weights():
+            z = q.model(X).double()
+        lower, upper = bounds.logit_bounds(net, X, box, "crown-ibp")
+        assert bool(((lower <= z) & (z <= upper)).all()), genome
+
+
 def test_certified_objective_stored_and_resumed(prepared, workload, tmp_path):
     path = tmp_path / "certified.sqlite"
     with Store(path, workload.digest(), workload.name) as store:
