@@ -57,7 +57,11 @@ def cmd_run(a: argparse.Namespace) -> int:
             + (f", baseline {ex.baseline:.4f}" if ex.baseline is not None else "")
         )
         for r in run.pareto_front(store):
-            print(f"  accuracy {r.accuracy:.4f}  cost {r.objectives[1]:.4g}  bits {list(r.genome)}")
+            cert = f"  certified {r.objectives[2]:.4g} ({r.status})" if r.status else ""
+            print(
+                f"  accuracy {r.accuracy:.4f}  cost {r.objectives[1]:.4g}{cert}  "
+                f"bits {list(r.genome)}"
+            )
     return 0
 
 
