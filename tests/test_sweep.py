@@ -144,3 +144,28 @@ def test_errors_are_clear(tmp_path, monkeypatch):
     monkeypatch.setenv("QLIB_DASK_SCHEDULER", "tcp://127.0.0.1:9")
     with pytest.raises(ConnectionError, match="QLIB_DASK_SCHEDULER"), dask_client(timeout=1):
         pass
+
+
+@pytest.mark.slow
+def test_ctrl_c_cancels_and_keeps_what_is_stored(tmp_path):
+    proc = _start(tmp_path, workers=1, n=40, sleep=0.3, log="run.log")
+    deadline = time.monotonic() + 60
+    try:
+        while len(_stored(tmp_path)) < 2:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the sweep stored nothing within 60 s"
+            time.sleep(0.1)
+        before = _stored(tmp_path)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C to the sweep's own process
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    after = _stored(tmp_path)
+    assert all(after[k] == v for k, v in before.items()) and len(after) < 40
+    time.sleep(1.0)  # cancelled: nothing keeps computing after the sweep has gone
+    done = len(_logged(tmp_path / "run.log"))
+    time.sleep(1.0)
+    assert len(_logged(tmp_path / "run.log")) == done
