@@ -95,7 +95,8 @@ def _needs(tool: str, found: bool, install: str):
 @pytest.fixture(scope="module")
 def staged_book(executed_dir, tmp_path_factory):
     """The quick-profile book laid out from the notebooks the tests above executed."""
-    for stem in STEMS:  # executes only when these tests run without the notebook tests
+    # The toc read now, as stage_book reads it (STEMS was read at import).
+    for stem in book.toc_notebooks():  # executes only when run without the notebook tests
         if not (executed_dir / f"{stem}.ipynb").is_file():
             book.execute(stem, "quick", out_dir=executed_dir)
     return book.stage_book(executed_dir, tmp_path_factory.mktemp("book"))
@@ -129,6 +130,6 @@ def test_book_reads_offline_in_headless_chromium(staged_book):
     checks = bookcheck.check_book(html, toc, book.ROOT / "_build" / "screenshots")
     print(f"HTML build {built - start:.1f} s, browser checks {time.perf_counter() - built:.1f} s")
     assert len(checks) == len(bookcheck.toc_pages(toc))
-    problems = {c.page: c.problems for c in checks if c.problems}
-    assert not problems, problems
+    problems = [f"{c.page}: {'; '.join(c.problems)}" for c in checks if c.problems]
+    assert not problems, "\n".join(problems)
     assert sum(c.math for c in checks) > 0 and sum(c.images for c in checks) > 0
