@@ -111,6 +111,9 @@ def test_vacuous_box_is_uncertifiable_not_an_error(prepared):
     assert acc(ev.float_model, ev.box([2] * 6)).status == "uncertifiable"
     high = acc(ev.float_model, ev.box([16] * 6))
     assert high.status == "certified" and high.value == -high.verified < -0.5
+    c32 = certify.Certifier(ev.certifier.X, ev.certifier.y, "crown-ibp", dtype="float32")
+    loose = c32(ev.float_model, ev.box([16] * 6))  # as rigorous, slightly looser
+    assert loose.status == "certified" and good.value - 1e-12 <= loose.value < 0.01
 
 
 def test_errors_name_the_layer_key_or_method(prepared, workload):
@@ -122,6 +125,8 @@ def test_errors_name_the_layer_key_or_method(prepared, workload):
     tanh = nn.Sequential(nn.Flatten(), nn.Linear(64, 4), nn.Tanh(), nn.Linear(4, 10))
     with pytest.raises(certify.CertifyError, match=r"'ibp' cannot bound .*layer 2 \(Tanh\)"):
         certify.check_certifiable(tanh, (1, 8, 8), "ibp")
+    with pytest.raises(certify.CertifyError, match="dtype must be 'float64' or 'float32'"):
+        certify.Certifier(ev.X, ev.y, "ibp", dtype="float16")
     with pytest.raises(certify.CertifyError, match="unknown bound method 'milp'"):
         certify.Certifier(ev.X, ev.y, "milp")
     with pytest.raises(wl.WorkloadError, match="certified.method: unknown bound method"):

@@ -53,10 +53,13 @@ def worst_case_discrepancy(
     method: Method | str = "ibp",
     *,
     options: Options | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> Discrepancy:
     """Bound the published discrepancy for every sample of ``X`` [N, ...] with labels ``y`` [N]
-    by the logit bounds of ``method`` (any name of ``available_methods()``)."""
-    lower, upper = logit_bounds(model, X, pert, method, options=options)
+    by the logit bounds of ``method`` (any name of ``available_methods()``), computed in
+    ``dtype`` (see ``logit_bounds``)."""
+    lower, upper = logit_bounds(model, X, pert, method, options=options, dtype=dtype)
+    lower, upper = lower.double(), upper.double()
     y = check_labels(y, len(X), lower.shape[1])
     with torch.no_grad():
         f = float_logits(model, X)

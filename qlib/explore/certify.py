@@ -156,13 +156,15 @@ class Certificate:
 
 @dataclass
 class Certifier:
-    """Bounds boxes on ``X`` [N, *in_shape] with labels ``y`` [N] by ``method``; picklable."""
+    """Bounds boxes on ``X`` [N, *in_shape] with labels ``y`` [N] by ``method`` in ``dtype``
+    (``"float64"`` or ``"float32"``); picklable."""
 
     X: Tensor
     y: Tensor
     method: str = "crown-ibp"
     kind: Literal["discrepancy", "accuracy"] = "discrepancy"
     margin: float = 0.0
+    dtype: Literal["float64", "float32"] = "float64"
 
     def __post_init__(self) -> None:
         if self.kind not in CERTIFIED_KINDS:
@@ -172,11 +174,16 @@ class Certifier:
                 f"unknown bound method {self.method!r}; expected one of "
                 f"{bounds.available_methods()}"
             )
+        if self.dtype not in ("float64", "float32"):
+            raise CertifyError(f"dtype must be 'float64' or 'float32', got {self.dtype!r}")
 
     def __call__(self, model: nn.Sequential, box: LayerPerturbation) -> Certificate:
         t0 = time.perf_counter()
+        dtype = getattr(torch, self.dtype)
         if self.kind == "discrepancy":
-            dis = bounds.worst_case_discrepancy(model, self.X, self.y, box, self.method)
+            dis = bounds.worst_case_discrepancy(
+                model, self.X, self.y, box, self.method, dtype=dtype
+            )
             finite = dis.lower.isfinite().all(1) & dis.upper.isfinite().all(1) & dis.d.isfinite()
             # Vacuous: the bound allows the true-class probability to reach both 0 and 1.
             trivial = torch.maximum(dis.p0, 1 - dis.p0)
@@ -185,7 +192,7 @@ class Certifier:
             value = d.mean().item() if useful.any() else 1.0
             status = "certified" if useful.any() else "uncertifiable"
             return Certificate(value, status, value, math.nan, time.perf_counter() - t0)
-        low = bounds.margin_bounds(model, self.X, self.y, box, self.method)
+        low = bounds.margin_bounds(model, self.X, self.y, box, self.method, dtype=dtype)
         verified = torch.nan_to_num(low, nan=-math.inf).gt(self.margin).all(1)
         acc = verified.double().mean().item()
         status = "certified" if verified.any() else "uncertifiable"
