@@ -255,6 +255,8 @@ def _markdown_table(rows: list[list[list]]) -> str:
     texts = [[t for t, _ in r] + [""] * (width - len(r)) for r in grid]
     n_head = next((i for i, h in enumerate(header) if not h), len(grid))
     body = [r for r, h in zip(grid, header, strict=True) if not h]
+    if not body:  # an empty frame: Sphinx's LaTeX writer fails on a table without rows
+        return ""
     right = [any(c < len(r) and not r[c][1] for r in body) for c in range(width)]  # data
     # A data column's header rows are levels of its label; an index column's last header row
     # names it (the rows above name the column levels, pandas-style).
@@ -517,7 +519,10 @@ def build_pdf(
             shown = "; ".join(dict.fromkeys(messages))
             print(f"[qlib.book pdf] LaTeX errors in chapter '{chapter}': {shown}", flush=True)
     if not pdfs:
-        tail = "\n".join(log.read_text().splitlines()[-25:])
+        lines = log.read_text().splitlines()
+        # Sphinx's own failure (before LaTeX ran) says what broke right after this line.
+        cause = [i for i, line in enumerate(lines) if "Exception occurred" in line]
+        tail = "\n".join(lines[cause[0] : cause[0] + 8] if cause else lines[-25:])
         print(f"[qlib.book pdf] no PDF written (exit {rc}); end of {log}:\n{tail}", file=sys.stderr)
         return None
     pdf = pdfs[0]

@@ -154,6 +154,7 @@ def test_html_tables_get_a_markdown_form_for_the_pdf():
     df.columns.name = "method"
     styled = df.style.format("{:.0%}")
     plain = pd.DataFrame({"x|y": ["$a_b", "c"]})
+    empty = pd.DataFrame(columns=["LUTs", "cells"])
     outputs = [
         nbformat.v4.new_output(
             "execute_result", data={"text/html": styled.to_html(), "text/plain": "<Styler>"}
@@ -162,6 +163,7 @@ def test_html_tables_get_a_markdown_form_for_the_pdf():
             "execute_result", data={"text/html": plain.to_html(), "text/plain": "t"}
         ),
         nbformat.v4.new_output("display_data", data={"text/html": "<b>no table</b>"}),
+        nbformat.v4.new_output("display_data", data={"text/html": empty.to_html()}),
     ]
     cell = nbformat.v4.new_code_cell("t")
     cell.outputs = outputs
@@ -179,3 +181,4 @@ def test_html_tables_get_a_markdown_form_for_the_pdf():
     assert got[1].splitlines()[0] == "|  | x\\|y |"
     assert got[1].splitlines()[2] == "| 0 | \\$a\\_b |"
     assert got[2] is None
+    assert got[3] is None  # no rows: LaTeX shows the text form (a table without rows breaks it)
