@@ -61,7 +61,10 @@ def startup(workload: Path, runs: int) -> list[dict]:
 
 
 def certified_cost(workload: Path, n: int) -> dict:
-    """Median seconds of the accuracy evaluation and of the certificate over ``n`` genomes."""
+    """Median seconds of the accuracy evaluation and of the certificate over ``n`` genomes: the
+    workload's method and dtype, then float32 and IBP for comparison."""
+    import dataclasses
+
     from qlib.explore import context
     from qlib.explore import workload as wl
 
@@ -72,7 +75,13 @@ def certified_cost(workload: Path, n: int) -> dict:
     rng = np.random.default_rng(0)
     ev.accuracy([8] * n_genes)
     ev.certify([8] * n_genes)  # build the network and the float model once
+    variants = {
+        "workload": ev.certifier,
+        "float32": dataclasses.replace(ev.certifier, dtype="float32"),
+        "ibp": dataclasses.replace(ev.certifier, method="ibp"),
+    }
     acc_s, cert_s, statuses = [], [], []
+    other_s: dict[str, list[float]] = {k: [] for k in variants if k != "workload"}
     for _ in range(n):
         genome = [int(v) for v in rng.integers(w.bits.lower, w.bits.upper + 1, n_genes)]
         t0 = time.perf_counter()
@@ -81,6 +90,11 @@ def certified_cost(workload: Path, n: int) -> dict:
         t0 = time.perf_counter()
         statuses.append(ev.certify(genome).status)
         cert_s.append(time.perf_counter() - t0)
+        box = ev.box(genome)
+        for name, times in other_s.items():
+            t0 = time.perf_counter()
+            variants[name](ev.float_model, box)
+            times.append(time.perf_counter() - t0)
     return {
         "workload": str(workload),
         "method": w.certified.method,
@@ -89,6 +103,10 @@ def certified_cost(workload: Path, n: int) -> dict:
         "accuracy_s_median": statistics.median(acc_s),
         "certificate_s_median": statistics.median(cert_s),
         "ratio": statistics.median(cert_s) / statistics.median(acc_s),
+        **{
+            f"ratio_{name}": statistics.median(t) / statistics.median(acc_s)
+            for name, t in other_s.items()
+        },
         "uncertifiable": statuses.count("uncertifiable"),
         "genomes": n,
     }
