@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -93,6 +94,10 @@ def test_certified_objective_stored_and_resumed(prepared, workload, tmp_path):
         assert {r.status for r in recs} <= {"certified", "uncertifiable"}
         front = run.pareto_front(store, objectives=(0, 1))
         assert front and all(len(r.objectives) == 3 for r in front)
+        F = np.array([r.objectives for r in recs])
+        with pytest.raises(ValueError, match="two objectives"):
+            run.hypervolume(F, prepared)
+        assert run.hypervolume(F[:, :2], prepared) >= 0
     with Store(path, workload.digest(), workload.name) as store:  # a rerun evaluates nothing
         assert run.explore(prepared, store).evaluated == 0
         assert store.records() == recs

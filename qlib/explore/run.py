@@ -272,7 +272,13 @@ def hypervolume(F: np.ndarray, prepared: Prepared) -> float:
 
     w = prepared.workload
     worst = prepared.evaluator.cost([w.bits.upper] * 2 * len(prepared.evaluator.input_amax))
-    F = np.asarray(F, float).reshape(-1, 2)
+    F = np.asarray(F, float)
+    if F.ndim == 2 and F.shape[1] != 2:
+        raise ValueError(
+            f"hypervolume takes the two objectives (-accuracy, cost), got {F.shape[1]} columns; "
+            "pass F[:, :2] for a store with a certified objective"
+        )
+    F = F.reshape(-1, 2)
     F = F[-F[:, 0] >= prepared.min_accuracy]
     if not len(F):
         return 0.0
