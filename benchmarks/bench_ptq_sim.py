@@ -1,7 +1,7 @@
 """Time of the published fixed-point PTQ sweep (``qlib.fixedpoint.ptq_sweep``).
 
 Usage (from the repository root): ``python benchmarks/bench_ptq_sim.py --out bench_ptq_sim.json
-[--source seeded|zoo] [--threads 2]``
+[--source seeded|zoo] [--threads 1]``
 
 Four Fashion-MNIST MLPs 784-256-128-64-32-16-10 times weight bit widths 2..16 (15), 4-bit
 inputs and activations, activation range 8 (the published setting), on the full test split
@@ -11,7 +11,8 @@ for all 60 quantised networks. Target: the sweep in under 60 s on 2 cores.
 ``--source seeded`` (default) trains four seeded networks for one epoch each (the sweep's cost
 does not depend on the weights); ``--source zoo`` takes the book's normal, IBP-robust, QAT and
 QAT-KURE models from ``qlib.zoo`` (trained on first use, which takes long). Model training is
-not timed. The sweep is timed best of ``--repeat`` rounds, in wall and in CPU seconds (with
+not timed. One torch thread by default: on a shared machine OpenMP threads fighting for cores
+made the sweep slower with two (56 s against 25 s at load 5). The sweep is timed best of ``--repeat`` rounds, in wall and in CPU seconds (with
 the load average, since a shared machine inflates the wall time).
 """
 
@@ -53,7 +54,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
     p.add_argument("--source", choices=("seeded", "zoo"), default="seeded")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--repeat", type=int, default=1, help="timed rounds (best is reported)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
