@@ -55,6 +55,7 @@ __all__ = [
     "PTQResult",
     "fixed_point",
     "quantize_inputs",
+    "activation_maxima",
     "evaluate_fixed_point",
     "ptq_sweep",
 ]
@@ -219,6 +220,12 @@ def _act_maxima(linears: Sequence[nn.Linear], X: Tensor) -> list[float]:
         h = torch.relu(F.linear(h, lin.weight.to(_DTYPE), _bias(lin)))
         out.append(h.max().item() if h.numel() else 0.0)
     return out
+
+
+def activation_maxima(model: nn.Module, X: Tensor) -> list[float]:
+    """The largest float post-ReLU activation of every hidden layer of the ReLU MLP ``model``
+    on ``X`` [N, C, H, W] (what a clip range ``R_a`` has to cover)."""
+    return _act_maxima(_mlp_linears(model), X)
 
 
 def _bias(lin: nn.Linear) -> Tensor:

@@ -331,6 +331,7 @@ _FIXEDPOINT = (
     "PTQResult",
     "fixed_point",
     "quantize_inputs",
+    "activation_maxima",
     "evaluate_fixed_point",
     "ptq_sweep",
 )
