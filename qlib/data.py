@@ -19,8 +19,8 @@ name               source
 from __future__ import annotations
 
 import functools
-import importlib.util
 import gzip
+import importlib.util
 import logging
 import os
 import pickle
