@@ -8,9 +8,11 @@ module nc_dn_lane (
     input  wire        clk,
     input  wire        rst,
     input  wire        start,
-    input  wire [4:0]  n_cfg,
-    input  wire        narrow_cfg,
-    input  wire [31:0] inv_cfg,
+    input  wire [4:0]  n,           // job configuration, held stable by the top level
+    input  wire [15:0] mask,        // 2^n - 1
+    input  wire [16:0] hi,          // saturation bounds [-lomag, hi]
+    input  wire [16:0] lomag,
+    input  wire [31:0] inv,         // float32 inverse scale
     input  wire        s_valid,
     input  wire [15:0] s_data,
     input  wire        s_last,
@@ -25,10 +27,6 @@ module nc_dn_lane (
     output wire        ev_sat
 );
     reg        busy, tl_seen, flush;
-    reg [4:0]  n;
-    reg [15:0] mask;             // 2^n - 1
-    reg [16:0] hi, lomag;        // saturation bounds: [-lomag, hi]
-    reg [31:0] inv;
     reg        vA, lastA, vB, lastB, vC, lastC, vD, lastD;
     reg [1:0]  kindA, kindB, kindC;
     reg        signA, signB, signC, bigC;
@@ -86,20 +84,14 @@ module nc_dn_lane (
 
     always @(posedge clk) begin
         if (rst) begin
-            busy <= 1'b0; tl_seen <= 1'b0; flush <= 1'b0; n <= 5'd16; mask <= 16'hFFFF;
-            hi <= 17'd0; lomag <= 17'd0;
-            inv <= 32'd0; vA <= 1'b0; vB <= 1'b0; vC <= 1'b0; lastA <= 1'b0; lastB <= 1'b0;
-            lastC <= 1'b0; acc <= 32'd0; fill <= 5'd0; kindA <= 2'd0; signA <= 1'b0;
+            busy <= 1'b0; tl_seen <= 1'b0; flush <= 1'b0; vA <= 1'b0; vB <= 1'b0; vC <= 1'b0;
+            lastA <= 1'b0; lastB <= 1'b0; lastC <= 1'b0; acc <= 32'd0; fill <= 5'd0; kindA <= 2'd0; signA <= 1'b0;
             eA <= 10'd0; prodA <= 32'd0; kindB <= 2'd0; signB <= 1'b0; m24B <= 24'd0;
             e2B <= 11'd0; vD <= 1'b0; lastD <= 1'b0; kindC <= 2'd0; signC <= 1'b0;
             bigC <= 1'b0; magC <= 17'd0; codeD <= 16'd0;
         end else if (start) begin
-            busy <= 1'b1; tl_seen <= 1'b0; flush <= 1'b0; n <= n_cfg;
-            mask <= (n_cfg >= 5'd16) ? 16'hFFFF : ((16'd1 << n_cfg) - 16'd1);
-            hi <= (17'd1 << (n_cfg - 5'd1)) - 17'd1;
-            lomag <= (17'd1 << (n_cfg - 5'd1)) - {16'd0, narrow_cfg};
-            inv <= inv_cfg; vA <= 1'b0; vB <= 1'b0; vC <= 1'b0; vD <= 1'b0; acc <= 32'd0;
-            fill <= 5'd0;
+            busy <= 1'b1; tl_seen <= 1'b0; flush <= 1'b0; vA <= 1'b0; vB <= 1'b0; vC <= 1'b0;
+            vD <= 1'b0; acc <= 32'd0; fill <= 5'd0;
         end else begin
             if (accept && s_last) tl_seen <= 1'b1;
             if (flush && space) begin

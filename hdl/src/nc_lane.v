@@ -6,11 +6,16 @@ module nc_lane (
     input  wire        rst,
     input  wire        up_start,
     input  wire        dn_start,
-    input  wire [4:0]  n_cfg,
-    input  wire        narrow_cfg,
-    input  wire [15:0] scale_cfg,
-    input  wire [31:0] inv_cfg,
-    input  wire [31:0] count_cfg,
+    // job configuration, latched once by the top level and shared by all lanes
+    input  wire [4:0]  up_n,
+    input  wire [15:0] up_mask,
+    input  wire [15:0] scale,
+    input  wire [31:0] count_cfg,        // sampled at up_start
+    input  wire [4:0]  dn_n,
+    input  wire [15:0] dn_mask,
+    input  wire [16:0] dn_hi,
+    input  wire [16:0] dn_lomag,
+    input  wire [31:0] inv,
     input  wire        up_s_valid,
     input  wire [15:0] up_s_data,
     input  wire        up_s_last,
@@ -32,13 +37,13 @@ module nc_lane (
     output wire [4:0]  events      // {sat, inf, nan, long, short}
 );
     nc_up_lane u_up (
-        .clk(clk), .rst(rst), .start(up_start), .n_cfg(n_cfg), .scale_cfg(scale_cfg),
+        .clk(clk), .rst(rst), .start(up_start), .n(up_n), .mask(up_mask), .scale(scale),
         .count_cfg(count_cfg), .s_valid(up_s_valid), .s_data(up_s_data), .s_last(up_s_last),
         .s_ready(up_s_ready), .m_valid(up_m_valid), .m_data(up_m_data), .m_last(up_m_last),
         .m_ready(up_m_ready), .active(up_active), .ev_short(events[0]), .ev_long(events[1]));
     nc_dn_lane u_dn (
-        .clk(clk), .rst(rst), .start(dn_start), .n_cfg(n_cfg), .narrow_cfg(narrow_cfg),
-        .inv_cfg(inv_cfg), .s_valid(dn_s_valid), .s_data(dn_s_data), .s_last(dn_s_last),
+        .clk(clk), .rst(rst), .start(dn_start), .n(dn_n), .mask(dn_mask), .hi(dn_hi),
+        .lomag(dn_lomag), .inv(inv), .s_valid(dn_s_valid), .s_data(dn_s_data), .s_last(dn_s_last),
         .s_ready(dn_s_ready), .m_valid(dn_m_valid), .m_data(dn_m_data), .m_last(dn_m_last),
         .m_ready(dn_m_ready), .active(dn_active), .ev_nan(events[2]), .ev_inf(events[3]),
         .ev_sat(events[4]));

@@ -55,6 +55,14 @@ module nc_top #(
     reg        up_err_width, up_err_scale, up_err_short, up_err_long;
     reg        dn_err_width, dn_err_scale, dn_err_nan, dn_err_inf, dn_sat;
     reg        up_go, dn_go;            // start requests, acted on the cycle after the write
+    // job configuration: latched at each start (so register writes during a job change
+    // nothing) and shared by all lanes; masks and bounds computed here once
+    reg [4:0]  up_n, dn_n;
+    reg [15:0] up_mask, dn_mask, up_scale;
+    reg [16:0] dn_hi, dn_lomag;
+    reg [31:0] dn_inv;
+    wire [4:0]  n_w = r_bits[4:0];
+    wire [15:0] mask_w = (n_w >= 5'd16) ? 16'hFFFF : ((16'd1 << n_w) - 16'd1);
 
     wire wr = s_axil_awvalid && s_axil_wvalid && !s_axil_bvalid;
     assign s_axil_awready = wr;
@@ -102,8 +110,8 @@ module nc_top #(
         for (i = 0; i < LANES; i = i + 1) begin : lane
             nc_lane u_lane (
                 .clk(clk), .rst(rst), .up_start(up_start), .dn_start(dn_start),
-                .n_cfg(r_bits[4:0]), .narrow_cfg(r_narrow[0]), .scale_cfg(r_scale[15:0]),
-                .inv_cfg(r_inv), .count_cfg(r_count),
+                .up_n(up_n), .up_mask(up_mask), .scale(up_scale), .count_cfg(r_count),
+                .dn_n(dn_n), .dn_mask(dn_mask), .dn_hi(dn_hi), .dn_lomag(dn_lomag), .inv(dn_inv),
                 .up_s_valid(up_in), .up_s_data(s_up_axis_tdata[16*i +: 16]),
                 .up_s_last(s_up_axis_tlast), .up_s_ready(up_s_ready[i]),
                 .up_m_valid(up_m_valid[i]), .up_m_data(m_up_axis_tdata[16*i +: 16]),
@@ -132,6 +140,8 @@ module nc_top #(
             s_axil_bvalid <= 1'b0; s_axil_rvalid <= 1'b0; s_axil_rdata <= 32'd0;
             r_bits <= 32'd8; r_narrow <= 32'd0; r_scale <= 32'h3F80; r_inv <= 32'h3F800000;
             r_count <= 32'd0; up_go <= 1'b0; dn_go <= 1'b0;
+            up_n <= 5'd16; up_mask <= 16'hFFFF; up_scale <= 16'd0; dn_n <= 5'd16;
+            dn_mask <= 16'hFFFF; dn_hi <= 17'd0; dn_lomag <= 17'd0; dn_inv <= 32'd0;
             up_done <= 1'b0; dn_done <= 1'b0; up_active_q <= 1'b0; dn_active_q <= 1'b0;
             {up_err_width, up_err_scale, up_err_short, up_err_long} <= 4'd0;
             {dn_err_width, dn_err_scale, dn_err_nan, dn_err_inf, dn_sat} <= 5'd0;
@@ -177,6 +187,15 @@ module nc_top #(
                 endcase
             end else if (s_axil_rready) s_axil_rvalid <= 1'b0;
 
+            // job configuration
+            if (up_start) begin
+                up_n <= n_w; up_mask <= mask_w; up_scale <= r_scale[15:0];
+            end
+            if (dn_start) begin
+                dn_n <= n_w; dn_mask <= mask_w; dn_inv <= r_inv;
+                dn_hi <= (17'd1 << (n_w - 5'd1)) - 17'd1;
+                dn_lomag <= (17'd1 << (n_w - 5'd1)) - {16'd0, r_narrow[0]};
+            end
             // upstream job control, flags and counters
             up_active_q <= up_active;
             if (up_go && !up_active) begin   // a start while a job runs is ignored

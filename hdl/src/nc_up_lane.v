@@ -13,9 +13,10 @@
 module nc_up_lane (
     input  wire        clk,
     input  wire        rst,
-    input  wire        start,       // one-cycle pulse; config below sampled then
-    input  wire [4:0]  n_cfg,
-    input  wire [15:0] scale_cfg,
+    input  wire        start,       // one-cycle pulse; count_cfg sampled then
+    input  wire [4:0]  n,           // job configuration, held stable by the top level
+    input  wire [15:0] mask,        // 2^n - 1
+    input  wire [15:0] scale,       // bfloat16
     input  wire [31:0] count_cfg,
     input  wire        s_valid,
     input  wire [15:0] s_data,
@@ -30,9 +31,6 @@ module nc_up_lane (
     output wire        ev_long
 );
     reg        busy, tl_seen;
-    reg [4:0]  n;
-    reg [15:0] mask;             // 2^n - 1
-    reg [15:0] scale;
     reg [31:0] left;
     reg [15:0] w0, w1;
     reg [1:0]  cnt;
@@ -68,12 +66,10 @@ module nc_up_lane (
     always @(posedge clk) begin
         if (rst) begin
             busy <= 1'b0; tl_seen <= 1'b0; left <= 32'd0; cnt <= 2'd0; ptr <= 4'd0;
-            w0 <= 16'd0; w1 <= 16'd0; v1 <= 1'b0; v2 <= 1'b0; n <= 5'd16; scale <= 16'd0;
-            mask <= 16'hFFFF;
+            w0 <= 16'd0; w1 <= 16'd0; v1 <= 1'b0; v2 <= 1'b0;
             last1 <= 1'b0; last2 <= 1'b0; int1 <= 16'd0; bf2 <= 16'd0;
         end else if (start) begin
-            busy <= 1'b1; n <= n_cfg; scale <= scale_cfg; left <= count_cfg;
-            mask <= (n_cfg >= 5'd16) ? 16'hFFFF : ((16'd1 << n_cfg) - 16'd1);
+            busy <= 1'b1; left <= count_cfg;
             tl_seen <= (count_cfg == 32'd0);    // an empty job reads nothing
             cnt <= 2'd0; ptr <= 4'd0; w0 <= 16'd0; w1 <= 16'd0;
         end else begin
