@@ -104,7 +104,8 @@ class FixedPoint:
             raise ValueError(f"asymmetric must be a bool, got {self.asymmetric!r}")
 
     @property
-    def bias_bits_(self) -> int:
+    def effective_bias_bits(self) -> int:
+        """The bias bit width: ``bias_bits``, or ``weight_bits`` when it is None."""
         return self.weight_bits if self.bias_bits is None else self.bias_bits
 
 
@@ -385,7 +386,7 @@ def fixed_point(
     for i, lin in enumerate(linears):
         W, b = lin.weight.detach().to(_DTYPE), _bias(lin)
         qW, sat_w, rW, sW = _quantize_param(W, cfg.weight_bits, cfg)
-        qb, sat_b, rb, sb = _quantize_param(b, cfg.bias_bits_, cfg)
+        qb, sat_b, rb, sb = _quantize_param(b, cfg.effective_bias_bits, cfg)
         hidden = i < len(linears) - 1
         ar = act_ranges[i] if hidden else None
         layers.append(
