@@ -13,7 +13,7 @@ import numpy as np
 
 from . import model, sim
 
-__all__ = ["Rate", "random_job", "rate", "packed_words"]
+__all__ = ["Rate", "random_job", "rate", "sim_speed", "packed_words"]
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,37 @@ def rate(
         dn_stall_frac=d1["STALLS"] / d1["CYCLES"],
         sim_values_per_s=2 * lanes * counts[1] / long_.wall_s,
     )
+
+
+def sim_speed(
+    vvp: str | os.PathLike,
+    lanes: int,
+    *,
+    n: int = 8,
+    values: int = 8192,
+    repeats: int = 3,
+    seed: int = 0,
+) -> dict:
+    """Icarus speed on one long job each way: values of all lanes (both directions) per second
+    of wall time, best of ``repeats`` runs (other load on the machine only slows a run down)."""
+    rng = np.random.default_rng(seed)
+    _, words = random_job(n, values, lanes, rng)
+    x = model.bf16_bits(rng.normal(0, 4, (values, lanes)))
+    walls = []
+    for r in range(repeats):
+        run = sim.run_stream(vvp, lanes, n=n, up_words=words, count=values, dn_values=x, seed=r)
+        if run.up_counters.get("VALUES_OUT") != values:
+            raise AssertionError(f"sim_speed: {run.up_counters} for {values} values")
+        walls.append(run.wall_s)
+    return {
+        "lanes": lanes,
+        "n": n,
+        "values_per_lane": values,
+        "wall_s": walls,
+        "values_per_s": 2 * lanes * values / min(walls),
+        "cycles": run.up_counters["CYCLES"] + run.dn_counters["CYCLES"],
+        "cycles_per_s": (run.up_counters["CYCLES"] + run.dn_counters["CYCLES"]) / min(walls),
+    }
 
 
 def packed_words(num_values: int, n: int) -> tuple[int, int]:
