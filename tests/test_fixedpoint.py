@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from qlib import data, models
-from qlib.fixedpoint import FixedPoint, evaluate_fixed_point, fixed_point, ptq_sweep
+from qlib.fixedpoint import (
+    FixedPoint,
+    activation_maxima,
+    evaluate_fixed_point,
+    fixed_point,
+    ptq_sweep,
+)
 from qlib.quant import perturbation_between
 
 
@@ -132,6 +138,7 @@ def test_saturation_is_counted_and_widens_the_box(digits):
         net, X, y, FixedPoint(act_range=0.5, act_bits=8, input_bits=8), certify=len(X)
     )
     assert clip.saturated_acts > 0 and clip.saturated_inputs > 0 and clip.widened == ()
+    assert max(activation_maxima(net, X)) > 0.5 * (1 - 2.0**-8)  # why they saturate
     assert (clip.certified >= clip.error - 1e-12).all()
 
 
