@@ -8,7 +8,8 @@
 //
 // A job delivers exactly `count` values and reads one packet (up to tlast). A packet that ends
 // early is padded with zero bits (ev_short); words beyond the last value are read and dropped
-// (ev_long). Pipeline: extract -> int1 | int-to-bf16 -> bf2 | x scale -> FIFO (2 entries).
+// (ev_long). Pipeline: extract -> int1 | normalise -> norm1b | round to bfloat16 -> bf2 |
+// x scale -> FIFO (2 entries).
 `default_nettype none
 module nc_up_lane (
     input  wire        clk,
@@ -35,8 +36,11 @@ module nc_up_lane (
     reg [15:0] w0, w1;
     reg [1:0]  cnt;
     reg [3:0]  ptr;
-    reg        v1, last1, v2, last2;
+    reg        v1, last1, v1b, last1b, v2, last2;
     reg [15:0] int1, bf2;
+    reg        sign1b, zero1b;
+    reg [3:0]  k1b;
+    reg [15:0] norm1b;
 
     wire        space;
     wire        f_valid;
@@ -53,21 +57,25 @@ module nc_up_lane (
     assign ev_long = (accept && draining) ||
                      (busy && left == 32'd0 && cnt > {1'b0, ptr != 4'd0});
 
-    wire [15:0] value, bf, prod;
+    wire [15:0] value, bf, prod, norm;
+    wire        sign, zero;
+    wire [3:0]  k;
     nc_extract u_ext (.window({w1, w0}), .ptr(ptr), .mask(mask), .value(value));
-    nc_int2bf16 u_i2f (.value(int1), .bf(bf));
+    nc_int_norm u_nrm (.value(int1), .sign(sign), .k(k), .norm(norm), .zero(zero));
+    nc_int2bf16 u_i2f (.sign(sign1b), .k(k1b), .norm(norm1b), .zero(zero1b), .bf(bf));
     nc_bf16_mul u_mul (.a(bf2), .b(scale), .p(prod));
     nc_fifo #(.WIDTH(17), .DEPTH(2)) u_out (
         .clk(clk), .rst(rst), .push(v2 && adv), .din({last2, prod}), .space(space),
         .valid(f_valid), .dout({m_last, m_data}), .ready(m_ready));
     assign m_valid = f_valid;
-    assign active = busy || v1 || v2 || f_valid;
+    assign active = busy || v1 || v1b || v2 || f_valid;
 
     always @(posedge clk) begin
         if (rst) begin
             busy <= 1'b0; tl_seen <= 1'b0; left <= 32'd0; cnt <= 2'd0; ptr <= 4'd0;
             w0 <= 16'd0; w1 <= 16'd0; v1 <= 1'b0; v2 <= 1'b0;
-            last1 <= 1'b0; last2 <= 1'b0; int1 <= 16'd0; bf2 <= 16'd0;
+            last1 <= 1'b0; last2 <= 1'b0; int1 <= 16'd0; bf2 <= 16'd0; v1b <= 1'b0;
+            last1b <= 1'b0; sign1b <= 1'b0; zero1b <= 1'b1; k1b <= 4'd0; norm1b <= 16'd0;
         end else if (start) begin
             busy <= 1'b1; left <= count_cfg;
             tl_seen <= (count_cfg == 32'd0);    // an empty job reads nothing
@@ -94,7 +102,9 @@ module nc_up_lane (
             end
             if (adv) begin
                 v1 <= fire; int1 <= value; last1 <= (left == 32'd1);
-                v2 <= v1; bf2 <= bf; last2 <= last1;
+                v1b <= v1; sign1b <= sign; k1b <= k; norm1b <= norm; zero1b <= zero;
+                last1b <= last1;
+                v2 <= v1b; bf2 <= bf; last2 <= last1b;
             end
         end
     end
