@@ -86,3 +86,13 @@ def test_vcd_excerpt(vvp, tmp_path):
 
     matplotlib.use("Agg")
     assert wave.plot_waves(w) is not None
+
+
+def test_front_member_prefers_the_search_over_a_tagged_variant(tmp_path):
+    from qlib.explore.store import Record, Store
+
+    with Store(tmp_path / "toy-abc-123.sqlite", "abc", "toy") as s:
+        s.add(Record(0, (4, 3, 8, 2), (-0.8, 4.0), 0.8, -0.05, 0.1))
+    with Store(tmp_path / "toy-abc-123-random.sqlite", "abc", "toy") as s:  # written later
+        s.add(Record(0, (5, 5, 5, 5), (-0.7, 5.0), 0.7, -0.05, 0.1))
+    assert layers.front_member("toy", folder=tmp_path).genome == (4, 3, 8, 2)

@@ -86,6 +86,8 @@ def front_member(workload_name: str, folder: str | os.PathLike | None = None) ->
 
     folder = Path(folder) if folder is not None else default_dir()
     files = sorted(folder.glob(f"{workload_name}-*.sqlite"), key=lambda p: p.stat().st_mtime)
+    # the search itself first (<name>-<digest>-<settings>), then tagged variants (random search)
+    files.sort(key=lambda p: len(p.stem[len(workload_name) + 1 :].split("-")) == 2)
     for path in reversed(files):
         # results_file names a file <workload>-<digest>-<search settings>[tag].sqlite
         digest = path.stem[len(workload_name) + 1 :].split("-")[0]
