@@ -96,3 +96,24 @@ def test_front_member_prefers_the_search_over_a_tagged_variant(tmp_path):
     with Store(tmp_path / "toy-abc-123-random.sqlite", "abc", "toy") as s:  # written later
         s.add(Record(0, (5, 5, 5, 5), (-0.7, 5.0), 0.7, -0.05, 0.1))
     assert layers.front_member("toy", folder=tmp_path).genome == (4, 3, 8, 2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"up_words": np.zeros((3, 4))}, r"up_words: expected shape \[beats, 2\], got \(3, 4\)"),
+        ({"dn_values": np.zeros(5)}, r"dn_values: expected shape \[beats, 2\], got \(5,\)"),
+        ({"ready_pct": 0}, "ready_pct must be in 1..100, got 0"),
+        ({"valid_pct": 101}, "valid_pct must be in 1..100, got 101"),
+    ],
+)
+def test_run_stream_bad_arguments(vvp, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sim.run_stream(vvp, 2, n=4, **kwargs)
+
+
+def test_build_and_sources_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="lanes must be in 1..64, got 0"):
+        sim.build_stream_tb(0, tmp_path)
+    with pytest.raises(FileNotFoundError, match="no Verilog sources in"):
+        sim.sources(tmp_path)

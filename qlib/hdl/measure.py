@@ -13,7 +13,7 @@ import numpy as np
 
 from . import model, sim
 
-__all__ = ["Rate", "random_job", "rate", "sim_speed", "packed_words"]
+__all__ = ["Rate", "random_job", "rate", "sim_speed"]
 
 
 @dataclass(frozen=True)
@@ -149,8 +149,3 @@ def sim_speed(
         "cycles": run.up_counters["CYCLES"] + run.dn_counters["CYCLES"],
         "cycles_per_s": (run.up_counters["CYCLES"] + run.dn_counters["CYCLES"]) / min(walls),
     }
-
-
-def packed_words(num_values: int, n: int) -> tuple[int, int]:
-    """(16-bit words of ``num_values`` n-bit values packed densely, words at 16 bits each)."""
-    return model.words_needed(num_values, n), num_values
