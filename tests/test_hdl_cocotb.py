@@ -245,6 +245,27 @@ if cocotb is not None:
         await tb.check_up(np.full((1, L), 0x1FF), 9, 1, why="one value")
         await tb.check_dn(np.full((1, L), 0xC2F6), 9, int(hm.f32_bits(1.0)), why="one value")
 
+    @cocotb.test(timeout_time=20, timeout_unit="ms")
+    async def registers(dut):
+        """Read-write registers read back what was written (byte strobes honoured), LANES reads
+        the parameter, counters are read-only."""
+        tb = Bench(dut, np.random.default_rng(cocotb.RANDOM_SEED + 4))
+        await tb.reset()
+        assert await tb.axil.read_dword(R["LANES"]) == tb.lanes
+        for name, v in (
+            ("BITS", 0x1234_5678),
+            ("NARROW", 1),
+            ("SCALE", 0x0000_BF80),
+            ("INV_SCALE", 0x4049_0FDB),
+            ("NUM_VALUES", 0xFFFF_FFFF),
+        ):
+            await tb.axil.write_dword(R[name], v)
+            assert await tb.axil.read_dword(R[name]) == v, name
+        await tb.axil.write(R["BITS"] + 1, b"\x00")  # one byte lane: bits 15..8 only
+        assert await tb.axil.read_dword(R["BITS"]) == 0x1234_0078
+        await tb.axil.write_dword(R["UP_CYCLES"], 123)  # read-only: ignored
+        assert await tb.axil.read_dword(R["UP_CYCLES"]) == 0
+
     @cocotb.test(
         skip=os.environ.get("QLIB_TEST_PROFILE") != "full", timeout_time=500, timeout_unit="ms"
     )
