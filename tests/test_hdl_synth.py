@@ -49,3 +49,13 @@ def test_bad_target_and_missing_tool(monkeypatch):
 def test_place_and_route_one_lane_gives_a_frequency():
     r = synth.place_and_route_ice40()
     assert 1 < r.fmax_mhz < 500 and r.utilisation["ICESTORM_DSP"].startswith("3/")
+
+
+def test_whole_design_elaborates_as_plain_verilog_without_latches_or_loops(tmp_path):
+    synth.check("nc_top", params={"LANES": 2})
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "latch.v").write_text(
+        "module latch(input wire e, input wire d, output reg q);\nalways @(*) if (e) q = d;\nendmodule\n"
+    )
+    with pytest.raises(RuntimeError, match="yosys check of latch failed"):
+        synth.check("latch", hdl_dir=tmp_path)

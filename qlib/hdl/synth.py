@@ -22,12 +22,38 @@ from pathlib import Path
 
 from .sim import HDL_DIR, require, sources
 
-__all__ = ["TARGETS", "SynthResult", "synthesize", "PnrResult", "place_and_route_ice40"]
+__all__ = ["TARGETS", "check", "SynthResult", "synthesize", "PnrResult", "place_and_route_ice40"]
 
 TARGETS = {
     "xilinx": "synth_xilinx -family xc7 -flatten -top {top}",
     "ice40": "synth_ice40 -dsp -top {top}",
 }
+
+
+def check(
+    top: str = "nc_top",
+    *,
+    params: dict[str, int] | None = None,
+    hdl_dir: Path | None = None,
+    timeout_s: float = 300,
+) -> None:
+    """Elaborate ``top`` in yosys as plain Verilog (no ``-sv``) and fail, with yosys's message,
+    on what synthesis would not accept: inferred latches, multiple drivers, combinational loops
+    (``check -assert``). ``hdl_dir``: another folder with a ``src/`` of Verilog files."""
+    yosys = require("yosys")
+    files = " ".join(str(f) for f in sources(hdl_dir))
+    chparam = "".join(f" -set {k} {int(v)}" for k, v in (params or {}).items())
+    script = (
+        f"read_verilog -defer {files}; "
+        + (f"chparam{chparam} {top}; " if params else "")
+        + f"hierarchy -check -top {top}; proc; flatten; opt_clean; "
+        "select -assert-none t:$dlatch t:$adlatch t:$dlatchsr; check -assert"
+    )
+    res = subprocess.run(
+        [yosys, "-q", "-p", script], capture_output=True, text=True, timeout=timeout_s
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"yosys check of {top} failed:\n{(res.stdout + res.stderr)[-3000:]}")
 
 
 @dataclass(frozen=True)
