@@ -40,6 +40,14 @@ def test_sweep_stores_and_resumes(tmp_path):
     with ResultStore(tmp_path / "m.sqlite", milp.experiment(s)) as store:
         _, recs = milp.sweep(net, X, y, pert, store, objective="margin", workers=0, progress=False)
     assert all(r["status"] in ("verified", "falsified", "unknown") for r in recs)
+    # a directory: one file per setting, named by the settings' hash
+    _, recs_dir = milp.sweep(net, X, y, pert, tmp_path, indices=[1], workers=0, progress=False)
+    _, recs_m = milp.sweep(
+        net, X, y, pert, tmp_path, indices=[1], objective="margin", workers=0, progress=False
+    )
+    assert recs_dir[0]["image"] == 1 and recs_m[0]["status"] in ("verified", "falsified")
+    assert len(list(tmp_path.glob("logits-*.sqlite"))) == 1
+    assert len(list(tmp_path.glob("margin-*.sqlite"))) == 1
     with pytest.raises(ValueError, match="objective must be one of"):
         milp.Settings("x", pert.as_tuple(), "entropy")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -84,7 +85,7 @@ def sweep(
     X: Tensor,
     y: Tensor,
     pert: Perturbation,
-    store: ResultStore | str,
+    store: ResultStore | str | Path,
     *,
     indices: list[int] | None = None,
     objective: str = "logits",
@@ -100,13 +101,18 @@ def sweep(
     """Solve ``objective`` for the images ``indices`` of ``X`` [N, ...] (labels ``y`` [N]) and
     return the sweep report and the records of those images, in index order.
 
-    ``store`` is a ``ResultStore`` opened for ``experiment(settings)`` or a path to open; tasks
-    already there are skipped. ``workers=0`` solves in this process (see ``qlib.sweep.run``).
+    ``store`` is a ``ResultStore`` opened for ``experiment(settings)``, a file path to open, or
+    an existing directory, in which the file ``<objective>-<hash of the settings>.sqlite`` is
+    used (so every setting gets its own file). Tasks already stored are skipped.
+    ``workers=0`` solves in this process (see ``qlib.sweep.run``).
     """
     s = Settings(
         model_digest(model), pert.as_tuple(), objective, method, solver, formulation, time_limit
     )
     own = not isinstance(store, ResultStore)
+    if own and Path(store).is_dir():
+        digest = hashlib.sha1(experiment(s).encode()).hexdigest()[:12]
+        store = Path(store) / f"{objective}-{digest}.sqlite"
     st = ResultStore(store, experiment(s)) if own else store
     try:
         if st.experiment != experiment(s):
