@@ -1,12 +1,13 @@
-"""The book's build plumbing in qlib.book: the injected-parameters cell, the status and total,
-staging a book from executed notebooks, and what cannot go to the PDF. Budget: about 10 s."""
+"""The book's build plumbing (qlib.book, qlib.bookpdf): the injected-parameters cell, the
+status and total, staging a book from executed notebooks, tables and chapters on their way to
+the PDF. Budget: about 10 s."""
 
 import json
 
 import nbformat
 import pytest
 
-from qlib import book
+from qlib import book, bookpdf
 
 
 def _notebook(cells, qlib_meta=None):
@@ -118,7 +119,7 @@ def test_pdf_problems_name_each_chapter_and_why(tmp_path):
     (tmp_path / "widget.ipynb").write_text(
         nbformat.writes(_notebook([html_only], {"ok": True, "seconds": 1.0}))
     )
-    problems = book.pdf_problems(["ok", "broken", "missing", "widget"], tmp_path)
+    problems = bookpdf.pdf_problems(["ok", "broken", "missing", "widget"], tmp_path)
     assert "ok" not in problems
     assert problems["broken"] == "its execution failed (cell 2: RuntimeError: x)"
     assert problems["missing"].startswith("not executed")
@@ -131,11 +132,11 @@ def test_latex_errors_are_reported_by_chapter(tmp_path):
     tex.with_suffix(".log").write_text(
         "(./b.tex\n! Undefined control sequence.\nl.5 \\bad\n\n! Missing $ inserted.\nl.1 x\n"
     )
-    assert book.latex_errors(tex) == {
+    assert bookpdf.latex_errors(tex) == {
         "GPFQ": ["Undefined control sequence."],
         "preamble": ["Missing $ inserted."],
     }
-    assert book.latex_errors(tmp_path / "none.tex") == {}
+    assert bookpdf.latex_errors(tmp_path / "none.tex") == {}
 
 
 @pytest.mark.parametrize("command", [["pdf", "--bogus"], ["check", "a", "b"]])
@@ -168,8 +169,8 @@ def test_html_tables_get_a_markdown_form_for_the_pdf():
     cell = nbformat.v4.new_code_cell("t")
     cell.outputs = outputs
     nb = json.loads(nbformat.writes(_notebook([cell])))
-    assert book.tables_to_markdown(nb) == 2
-    assert book.tables_to_markdown(nb) == 0  # already has its Markdown form
+    assert bookpdf.tables_to_markdown(nb) == 2
+    assert bookpdf.tables_to_markdown(nb) == 0  # already has its Markdown form
     got = [o["data"].get("text/markdown") for o in nb["cells"][0]["outputs"]]
     assert got[0].splitlines() == [
         "| model | bits | RTN | GPFQ |",

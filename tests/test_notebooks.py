@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from qlib import book, bookcheck
+from qlib import book, bookcheck, bookpdf
 
 STEMS = book.toc_notebooks()
 
@@ -109,12 +109,12 @@ def test_book_goes_to_pdf(staged_book, capsys):
     latex = all(shutil.which(t) for t in ("latexmk", "xelatex"))
     _needs("LaTeX (latexmk, xelatex)", latex, "latexmk texlive-xetex texlive-latex-extra")
     start = time.perf_counter()
-    pdf = book.build_pdf(staged_book)
+    pdf = bookpdf.build_pdf(staged_book)
     out = capsys.readouterr().out
     print(out, f"PDF build {time.perf_counter() - start:.1f} s")
     assert pdf is not None and pdf.stat().st_size > 10_000, out
     assert "LaTeX errors" not in out, out
-    assert (staged_book / "_build" / "html" / book.PDF_NAME).is_file()
+    assert (staged_book / "_build" / "html" / bookpdf.PDF_NAME).is_file()
 
 
 @pytest.mark.notebook
