@@ -281,3 +281,21 @@ def test_attack_margin_never_contradicts_verification():
     res = milp.verify(net, X, y, pert, time_limit=20)
     assert not (found & res.verified).any()  # an attacked image can never be verified
     assert (found <= res.falsified | res.unknown).all()
+
+
+@pytest.mark.slow
+@pytest.mark.scip
+def test_digits_network_milp_equals_bilinear():
+    pytest.importorskip("pyscipopt")
+    from qlib import data, zoo
+
+    net = zoo.get("digits-mlp", progress=False)
+    X, _ = data.load("digits", "test", limit=1)
+    pert = Perturbation.uniform(1e-4)  # small enough for SCIP's spatial search to close in ~5 s
+    _, a = milp.image_logits(net, X[0], pert, classes=[0])
+    _, b = milp.image_logits(
+        net, X[0], pert, classes=[0], formulation="bilinear", solver="scip", time_limit=60
+    )
+    assert all(s.status == "optimal" for s in b)
+    for u, v in zip(a, b, strict=True):
+        assert abs(u.bound - v.bound) <= 1e-5 * (1 + abs(u.bound))
