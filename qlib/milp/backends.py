@@ -8,6 +8,8 @@ A backend only translates; the formulation is ``qlib.milp.formulation``. ``HiGHS
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -100,7 +102,7 @@ class HighsBackend:
             raise SolverUnavailable("the HiGHS backend needs highspy: pip install highspy") from e
         self._hp = highspy
         self.program = program
-        h = highspy.Highs()
+        h = _quiet_highs(highspy)
         h.setOptionValue("output_flag", False)
         h.setOptionValue("threads", int(threads))
         h.setOptionValue("mip_rel_gap", float(rel_gap))
@@ -180,6 +182,28 @@ class HighsBackend:
         if self.program.n_binary == 0:  # an LP: HiGHS reports no MIP dual bound
             bound = primal if kind == "optimal" else -math.inf
         return Outcome(kind, bound, primal, values, seconds, int(info.mip_node_count))
+
+
+_BANNER_DONE = False
+
+
+def _quiet_highs(highspy):
+    """A new ``highspy.Highs``; the first one of a process prints a banner to the C-level stdout
+    before any option can silence it (into notebooks and worker logs), so that one is muted."""
+    global _BANNER_DONE
+    if _BANNER_DONE:
+        return highspy.Highs()
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            h = highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    _BANNER_DONE = True
+    return h
 
 
 class GurobiBackend:
