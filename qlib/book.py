@@ -85,6 +85,9 @@ def _key(source: Path, parameters: dict) -> str:
     h.update(json.dumps(parameters, sort_keys=True).encode())
     for f in sorted((ROOT / "qlib").rglob("*.py")):
         h.update(f.read_bytes())
+    # The hardware chapter simulates and synthesises the Verilog sources.
+    for f in sorted((ROOT / "hdl").rglob("*.v*")):
+        h.update(f.read_bytes())
     # A notebook that names a benchmark script (the performance chapter runs them) depends on it.
     text = source.read_text()
     for f in sorted((ROOT / "benchmarks").glob("*.py")):
