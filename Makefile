@@ -39,7 +39,8 @@ pdf: setup
 check: setup
 	$(BIN)/python -m qlib.book check _build/html
 
-test: setup
+# Lint first: CI enforces one formatting and ruff's checks before running any test.
+test: setup lint
 	$(BIN)/python -m pytest -q
 
 lab: setup
@@ -52,6 +53,7 @@ run: setup
 
 lint: setup
 	$(BIN)/ruff check qlib tests benchmarks tools
+	$(BIN)/ruff format --check qlib tests benchmarks tools
 
 clean:
 	rm -rf _build book/nb book/_generated

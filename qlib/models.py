@@ -28,12 +28,19 @@ Data = tuple[Tensor, Tensor]
 ARCH_KINDS = ("mlp", "cnn")
 
 
-def mlp(in_shape: Sequence[int], hidden: Sequence[int], classes: int, *, seed: int = 0) -> nn.Sequential:
+def mlp(
+    in_shape: Sequence[int], hidden: Sequence[int], classes: int, *, seed: int = 0
+) -> nn.Sequential:
     """Flatten, then ``len(hidden) + 1`` Linear layers with ReLU between them.
 
     "k layers of width h" in the certification chapter is ``mlp(shape, [h] * (k - 1), 10)``.
     """
-    arch = {"kind": "mlp", "in_shape": list(in_shape), "hidden": list(hidden), "classes": int(classes)}
+    arch = {
+        "kind": "mlp",
+        "in_shape": list(in_shape),
+        "hidden": list(hidden),
+        "classes": int(classes),
+    }
     return build(arch, seed=seed)
 
 
@@ -177,7 +184,12 @@ def train(
     bar = tqdm(range(epochs), desc="train", disable=not progress, leave=False)
     for epoch in bar:
         loss = train_epoch(
-            model, (X, y), opt, gen, batch_size, lambda xb, yb: nn.functional.cross_entropy(model(xb), yb)
+            model,
+            (X, y),
+            opt,
+            gen,
+            batch_size,
+            lambda xb, yb: nn.functional.cross_entropy(model(xb), yb),
         )
         sched.step()
         result.loss.append(loss)
@@ -279,7 +291,9 @@ def load(path: str | os.PathLike, arch: dict | None = None) -> nn.Sequential:
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
-        raise ValueError(f"checkpoint {path}: weights do not match architecture {ckpt['arch']}: {e}") from e
+        raise ValueError(
+            f"checkpoint {path}: weights do not match architecture {ckpt['arch']}: {e}"
+        ) from e
     model.meta = ckpt.get("meta", {})
     return model.eval()
 

@@ -56,7 +56,13 @@ REGISTRY |= {
     ),
     "fashion-cnn": Recipe(
         "fashion-mnist",
-        {"kind": "cnn", "in_shape": [1, 28, 28], "channels": [16, 32], "hidden": 100, "classes": 10},
+        {
+            "kind": "cnn",
+            "in_shape": [1, 28, 28],
+            "channels": [16, 32],
+            "hidden": 100,
+            "classes": 10,
+        },
         epochs=8,
         note="two stride-2 3x3 convolutions (16, 32 channels), 100 hidden units",
     ),
@@ -91,7 +97,9 @@ def recipe(name: str) -> Recipe:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown model {name!r}; registered models: {', '.join(REGISTRY)}") from None
+        raise KeyError(
+            f"unknown model {name!r}; registered models: {', '.join(REGISTRY)}"
+        ) from None
 
 
 def get(

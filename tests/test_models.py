@@ -52,9 +52,13 @@ def test_checkpoint_roundtrip_needs_no_code(tmp_path):
 def test_checkpoint_with_other_architecture_is_rejected(tmp_path):
     path = models.save(models.mlp([1, 8, 8], [16], 10), tmp_path / "a.pt")
     with pytest.raises(ValueError, match=r"a\.pt holds architecture .* expected"):
-        models.load(path, arch={"kind": "mlp", "in_shape": [1, 8, 8], "hidden": [32], "classes": 10})
+        models.load(
+            path, arch={"kind": "mlp", "in_shape": [1, 8, 8], "hidden": [32], "classes": 10}
+        )
     state = models.mlp([1, 8, 8], [32], 10).state_dict()
-    torch.save({"arch": models.mlp([1, 8, 8], [16], 10).arch, "state_dict": state}, tmp_path / "b.pt")
+    torch.save(
+        {"arch": models.mlp([1, 8, 8], [16], 10).arch, "state_dict": state}, tmp_path / "b.pt"
+    )
     with pytest.raises(ValueError, match=r"b\.pt: weights do not match"):
         models.load(tmp_path / "b.pt")
 
