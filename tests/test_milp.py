@@ -209,6 +209,12 @@ def test_conv_is_labelled_a_sound_bound():
     lo_a, hi_a = attack.attack_logits(net, X, pert, steps=20, seed=0)
     assert (res.upper <= hi_c + TOL).all() and (res.upper >= hi_a - TOL).all()
     assert (res.lower >= lo_c - TOL).all() and (res.lower <= lo_a + TOL).all()
+    assert torch.isnan(res.attained_upper).all()  # relaxation points are no networks
+    y = attack.perturbed_forward(net, X, Perturbation()).argmax(1)
+    ver = milp.verify(net, X, y, Perturbation.uniform(0.3), time_limit=10)
+    assert ver.kind != "exact" and all(
+        s.status != "falsified" for im in ver.images for s in im.solves
+    )
     with pytest.raises(ValueError, match="exact programs"):
         witness.rebuild(net, milp.build(net, X[0], pert), np.zeros(10))
 

@@ -49,7 +49,8 @@ class Solve:
 
     ``bound`` is proven: a lower bound when minimising, an upper bound when maximising (the
     solver's dual bound, sound even after a time-out); ``primal`` the best value attained by a
-    replayed witness (nan if none); ``gap = |primal - bound|``. ``status``: ``"optimal"``,
+    replayed witness (nan if none, and always for a Conv2d relaxation, whose points are no
+    networks); ``gap`` is the solver's ``|primal - bound|``. ``status``: ``"optimal"``,
     ``"unknown"`` (time limit), or for margins ``"verified"``/``"falsified"`` when stopped early.
     """
 
@@ -162,10 +163,11 @@ def image_logits(
                 model, program, out, c_logits, out.primal, f"{sense} logit {j}", keep_witnesses
             )
             bound, primal = sign * out.bound, sign * out.primal
-            if out.values is None:
+            # the gap is the solver's; a relaxation's (Conv2d) point is no network: no value
+            gap = abs(primal - bound) if out.values is not None else math.inf
+            if out.values is None or not program.exact:
                 primal = math.nan
             status = "optimal" if out.status == "optimal" else "unknown"
-            gap = abs(primal - bound) if math.isfinite(primal) else math.inf
             solves.append(
                 Solve(f"logit {j}", sense, bound, primal, gap, status, out.seconds, out.nodes, w)
             )
@@ -227,8 +229,10 @@ def image_margin(
         c_logits[y], c_logits[j] = 1.0, -1.0
         w = _witness(model, program, out, c_logits, out.primal, f"margin {y}-{j}", keep_witnesses)
         bound[j] = max(bound[j], out.bound)
-        primal[j] = out.primal if out.values is not None else math.inf
-        if out.values is not None and out.primal <= 0:
+        # Only a replayed witness falsifies; a Conv2d relaxation's point is no real network.
+        attained = out.values is not None and program.exact
+        primal[j] = out.primal if attained else math.inf
+        if attained and out.primal <= 0:
             s = "falsified"
         elif out.bound > 0:
             s = "verified"
