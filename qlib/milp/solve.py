@@ -186,14 +186,16 @@ def image_margin(
     time_limit: float | None = 60.0,
     keep_witnesses: bool = False,
     threads: int = 1,
+    attack_steps: int = 10,
 ) -> ImageMargin:
     """Decide whether every perturbed network classifies ``x`` [*in_shape] as ``y``.
 
     Cheap steps first: a misclassifying nominal network falsifies at once; classes whose CROWN
-    margin bound is already positive need no solve. The other classes are solved hardest first
-    (smallest CROWN bound) within ``time_limit`` seconds for the whole image; each solve stops
-    once its dual bound is > 0 (that class verified) or a replayed witness has margin <= 0
-    (image falsified). Classes left when time runs out make the image ``"unknown"``.
+    margin bound is already positive need no solve; then ``attack_margin`` with
+    ``attack_steps`` steps (0: skip) may find a concrete misclassifying network. The other
+    classes are solved hardest first (smallest CROWN bound) within ``time_limit`` seconds for
+    the whole image; each solve stops once its dual bound is > 0 (that class verified) or a
+    replayed witness has margin <= 0 (image falsified). Classes left when time runs out make the image ``"unknown"``.
     """
     _check(model, x, pert, time_limit)
     t0 = time.perf_counter()
@@ -214,6 +216,10 @@ def image_margin(
     todo = [j for j in np.argsort(crown) if j != y and crown[j] <= 0]
     if not todo:
         return ImageMargin("verified", bound, primal, time.perf_counter() - t0, method, ())
+    if attack_steps > 0 and bool(
+        attack_margin(model, X, torch.tensor([y]), pert, steps=attack_steps, vertices=4)[0]
+    ):
+        return ImageMargin("falsified", bound, primal, time.perf_counter() - t0, "attack", ())
     program = build(model, x, pert, method)
     backend = solver_for(model, program, solver, formulation, threads)
     solves: list[Solve] = []
@@ -379,6 +385,7 @@ def verify(
     time_limit: float | None = 60.0,
     progress: bool = False,
     threads: int = 1,
+    attack_steps: int = 10,
 ) -> MarginVerification:
     """``image_margin`` for every image of ``X`` [N, ...] with labels ``y`` [N]."""
     if not isinstance(y, Tensor) or y.shape != (len(X),):
@@ -396,6 +403,7 @@ def verify(
                 method=method,
                 time_limit=time_limit,
                 threads=threads,
+                attack_steps=attack_steps,
             )
         )
     net = bounds.layers(model, tuple(X.shape[1:]))

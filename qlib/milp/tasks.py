@@ -38,6 +38,7 @@ class Settings:
     solver: str = "highs"
     formulation: str = "milp"
     time_limit: float | None = None
+    attack_steps: int = 10  # margin only: the attack's try before the MILP
     version: int = 1  # of the formulation: a change that alters results bumps it
 
     def __post_init__(self) -> None:
@@ -69,7 +70,11 @@ def _solve(ctx: tuple, payload: tuple[int, Tensor, int]) -> dict:
         solver=s.solver, formulation=s.formulation, method=s.method, time_limit=s.time_limit
     )
     if s.objective == "margin":
-        return {"image": index, "label": y, **image_margin(model, x, y, pert, **common).record()}
+        return {
+            "image": index,
+            "label": y,
+            **image_margin(model, x, y, pert, attack_steps=s.attack_steps, **common).record(),
+        }
     program, solves = image_logits(model, x, pert, **common)
     return {
         "image": index,
@@ -93,6 +98,7 @@ def sweep(
     solver: str = "highs",
     formulation: str = "milp",
     time_limit: float | None = None,
+    attack_steps: int = 10,
     workers: int | None = None,
     scheduler: str | None = None,
     client=None,
@@ -107,7 +113,14 @@ def sweep(
     ``workers=0`` solves in this process (see ``qlib.sweep.run``).
     """
     s = Settings(
-        model_digest(model), pert.as_tuple(), objective, method, solver, formulation, time_limit
+        model_digest(model),
+        pert.as_tuple(),
+        objective,
+        method,
+        solver,
+        formulation,
+        time_limit,
+        attack_steps,
     )
     own = not isinstance(store, ResultStore)
     if own and Path(store).is_dir():
