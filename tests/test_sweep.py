@@ -18,7 +18,7 @@ from qlib.sweep import dask_client, run
 
 SCRIPT = textwrap.dedent(
     """
-    import os, sys, time
+    import os, signal, sys, time
     from qlib.store import ResultStore, task_key
     from qlib.sweep import run
 
@@ -29,6 +29,9 @@ SCRIPT = textwrap.dedent(
         return {"i": i, "square": i * i}
 
     if __name__ == "__main__":
+        # A job started in the background of a non-interactive shell (as CI may start the
+        # tests) inherits SIGINT ignored; a user's Ctrl-C reaches a foreground process.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         path, log, workers, n, sleep = sys.argv[1:]
         with ResultStore(path, "kill test") as store:
             tasks = {task_key(i=i): i for i in range(int(n))}
