@@ -29,6 +29,25 @@ from pathlib import Path
 
 import yaml
 
+__all__ = [
+    "EXECUTED_DIR",
+    "PROFILES",
+    "ROOT",
+    "Outcome",
+    "build_html",
+    "execute",
+    "hide_injected_parameters",
+    "machine",
+    "main",
+    "profile_parameters",
+    "recorded",
+    "stage_book",
+    "status_outcomes",
+    "toc_notebooks",
+    "write_status",
+]
+
+
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ("full", "quick")
 EXECUTED_DIR = "book/nb"

@@ -21,6 +21,26 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+__all__ = [
+    "BestEpoch",
+    "Data",
+    "TrainLog",
+    "build",
+    "cache_dir",
+    "cached",
+    "cnn",
+    "evaluate",
+    "fit",
+    "load",
+    "mlp",
+    "predict",
+    "save",
+    "train",
+    "train_epoch",
+    "trained",
+]
+
+
 log = logging.getLogger(__name__)
 
 Data = tuple[Tensor, Tensor]
@@ -180,30 +200,67 @@ def train(
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     result = TrainLog()
-    best = BestEpoch(model)
-    bar = tqdm(range(epochs), desc="train", disable=not progress, leave=False)
-    for epoch in bar:
-        loss = train_epoch(
-            model,
-            (X, y),
-            opt,
-            gen,
-            batch_size,
-            lambda xb, yb: nn.functional.cross_entropy(model(xb), yb),
-        )
-        sched.step()
-        result.loss.append(loss)
-        if val is not None:
-            acc = evaluate(model, val)
-            result.val_accuracy.append(acc)
-            best.update(epoch, acc)
-            bar.set_postfix(loss=f"{result.loss[-1]:.3f}", val=f"{acc:.3f}")
-        else:
-            bar.set_postfix(loss=f"{result.loss[-1]:.3f}")
-    best.restore()
-    result.best_epoch = best.epoch
+
+    def validate() -> tuple[float, dict[str, str]]:
+        acc = evaluate(model, val)
+        result.val_accuracy.append(acc)
+        return acc, {"val": f"{acc:.3f}"}
+
+    result.loss, result.best_epoch = fit(
+        model,
+        (X, y),
+        opt,
+        lambda xb, yb: nn.functional.cross_entropy(model(xb), yb),
+        epochs=epochs,
+        gen=gen,
+        batch_size=batch_size,
+        sched=sched,
+        validate=None if val is None else validate,
+        desc="train",
+        progress=progress,
+    )
     model.eval()
     return result
+
+
+def fit(
+    model: nn.Module,
+    data: Data,
+    opt: torch.optim.Optimizer,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    *,
+    epochs: int,
+    gen: torch.Generator,
+    batch_size: int,
+    sched: torch.optim.lr_scheduler.LRScheduler | None = None,
+    validate: Callable[[], tuple[object, dict[str, str]]] | None = None,
+    after_epoch: Callable[[], None] | None = None,
+    keep: nn.Module | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> tuple[list[float], int | None]:
+    """The one epoch loop of ``qlib``: ``train_epoch``, then ``after_epoch()``, the scheduler's
+    step, and ``validate() -> (score, shown)``, whose best score (``BestEpoch``) decides which
+    epoch's weights of ``keep`` (default ``model``) are restored at the end. Returns the epoch
+    losses and the kept epoch (None without ``validate``). Plain, certified and
+    quantisation-aware training differ only in their loss and their callbacks."""
+    best = BestEpoch(model if keep is None else keep)
+    losses: list[float] = []
+    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
+    for epoch in bar:
+        losses.append(train_epoch(model, data, opt, gen, batch_size, loss_fn))
+        if after_epoch is not None:
+            after_epoch()
+        if sched is not None:
+            sched.step()
+        shown = {"loss": f"{losses[-1]:.3f}"}
+        if validate is not None:
+            score, extra = validate()
+            best.update(epoch, score)
+            shown |= extra
+        bar.set_postfix(**shown)
+    best.restore()
+    return losses, best.epoch
 
 
 def train_epoch(

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from qlib import models
 
@@ -196,7 +195,6 @@ def train(
     opt = torch.optim.Adam(qnet.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     log = QATLog()
-    best = models.BestEpoch(qnet)
     penalties: list[float] = []
 
     def loss_fn(xb: Tensor, yb: Tensor) -> Tensor:
@@ -207,21 +205,29 @@ def train(
             loss = loss + kure * penalty
         return loss
 
-    name = "QAT-KURE" if kure else "QAT"
-    bar = tqdm(range(epochs), desc=f"{name} W{bits}", disable=not progress, leave=False)
-    for epoch in bar:
-        penalties.clear()
-        log.loss.append(models.train_epoch(qnet, (X, y), opt, gen, batch_size, loss_fn))
+    def after_epoch() -> None:
         log.kure.append(sum(penalties) / len(penalties) if penalties else 0.0)
-        sched.step()
-        if val is not None:
-            acc = models.evaluate(qnet, val)
-            log.val_accuracy.append(acc)
-            best.update(epoch, acc)
-            bar.set_postfix(loss=f"{log.loss[-1]:.3f}", val=f"{acc:.3f}")
-        else:
-            bar.set_postfix(loss=f"{log.loss[-1]:.3f}")
-    best.restore()
-    log.best_epoch = best.epoch
+        penalties.clear()
+
+    def validate() -> tuple[float, dict[str, str]]:
+        acc = models.evaluate(qnet, val)
+        log.val_accuracy.append(acc)
+        return acc, {"val": f"{acc:.3f}"}
+
+    name = "QAT-KURE" if kure else "QAT"
+    log.loss, log.best_epoch = models.fit(
+        qnet,
+        (X, y),
+        opt,
+        loss_fn,
+        epochs=epochs,
+        gen=gen,
+        batch_size=batch_size,
+        sched=sched,
+        validate=None if val is None else validate,
+        after_epoch=after_epoch,
+        desc=f"{name} W{bits}",
+        progress=progress,
+    )
     model.eval()
     return log

@@ -343,3 +343,12 @@ def __getattr__(name: str):
 
         return getattr(fixedpoint, name)
     raise AttributeError(f"module 'qlib.quant' has no attribute {name!r}")
+
+
+__all__ = [
+    "LayerPerturbation",
+    "Perturbation",
+    "UniformQuantizer",
+    "perturbation_between",
+    "symmetric_quantizer",
+] + list(_FIXEDPOINT)

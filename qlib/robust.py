@@ -14,7 +14,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from qlib import bounds, models
 from qlib.quant import Perturbation
@@ -104,7 +103,6 @@ def train(
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     batches = (len(X) + batch_size - 1) // batch_size
     log = RobustTrainLog()
-    best = models.BestEpoch(model)
     step = 0
 
     def loss_fn(xb: Tensor, yb: Tensor) -> Tensor:
@@ -113,29 +111,29 @@ def train(
         step += 1
         return robust_loss(model, xb, yb, pert.scaled(scale), k, method)
 
+    def validate() -> tuple[tuple[float, float], dict[str, str]]:
+        v = bounds.verified_accuracy(model, val[0], val[1], pert, method, margin=True)
+        log.val_verified.append(v.accuracy)
+        log.val_clean.append(v.clean_accuracy)
+        shown = {"ver": f"{v.accuracy:.3f}", "clean": f"{v.clean_accuracy:.3f}"}
+        return (v.accuracy, v.clean_accuracy), shown
+
     # The batch order comes from ``gen``; the fork keeps anything else that draws from torch's
     # global generator during training seeded, without changing the caller's random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        bar = tqdm(
-            range(epochs), desc=f"robust train ({method})", disable=not progress, leave=False
+        log.loss, log.best_epoch = models.fit(
+            model,
+            (X, y),
+            opt,
+            loss_fn,
+            epochs=epochs,
+            gen=gen,
+            batch_size=batch_size,
+            validate=None if val is None else validate,
+            after_epoch=model.eval,
+            desc=f"robust train ({method})",
+            progress=progress,
         )
-        for epoch in bar:
-            log.loss.append(models.train_epoch(model, (X, y), opt, gen, batch_size, loss_fn))
-            model.eval()
-            if val is not None:
-                v = bounds.verified_accuracy(model, val[0], val[1], pert, method, margin=True)
-                log.val_verified.append(v.accuracy)
-                log.val_clean.append(v.clean_accuracy)
-                best.update(epoch, (v.accuracy, v.clean_accuracy))
-                bar.set_postfix(
-                    loss=f"{log.loss[-1]:.3f}",
-                    ver=f"{v.accuracy:.3f}",
-                    clean=f"{v.clean_accuracy:.3f}",
-                )
-            else:
-                bar.set_postfix(loss=f"{log.loss[-1]:.3f}")
-    best.restore()
-    log.best_epoch = best.epoch
     model.eval()
     return log

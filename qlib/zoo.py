@@ -14,6 +14,18 @@ from torch import nn
 from qlib import data, models
 from qlib.quant import Perturbation
 
+__all__ = [
+    "CIFAR10_MLP",
+    "ROBUST",
+    "Recipe",
+    "RobustRecipe",
+    "get",
+    "names",
+    "qat",
+    "recipe",
+    "robust",
+]
+
 
 @dataclass(frozen=True)
 class Recipe:
