@@ -21,6 +21,7 @@ from qlib.quant import LayerPerturbation, Perturbation, UniformQuantizer, symmet
 
 __all__ = [
     "AttackedDiscrepancy",
+    "attack_margin",
     "Deltas",
     "Perturbed",
     "RowDelta",
@@ -382,6 +383,41 @@ def attack_discrepancy(
     objectives = [log_p, lambda z: -log_p(z), *_logit_objectives(f.shape[1])]
     _search(model, X, pert, objectives, record, steps, restarts, vertices, bits, seed)
     return AttackedDiscrepancy(d, gap, d.max().item(), gap.max().item(), lo, hi)
+
+
+def attack_margin(
+    model: nn.Sequential,
+    X: Tensor,
+    y: Tensor,
+    pert: Perturbation,
+    *,
+    steps: int = 20,
+    restarts: int = 1,
+    vertices: int = 8,
+    seed: int = 0,
+) -> Tensor:
+    """``[N]`` bool: some concrete perturbed network found by the search (random vertices, then
+    sign-gradient ascent on ``z_j - z_y`` for every class ``j``) gives image ``n`` a margin
+    ``<= 0``: a falsified certificate. Its complement bounds verified accuracy from above."""
+    y = y.long()
+    with torch.no_grad():
+        f = perturbed_forward(model, X, pert)
+    hot = torch.nn.functional.one_hot(y, f.shape[1]).bool()
+
+    def margin(z: Tensor) -> Tensor:
+        return z.gather(1, y[:, None]).squeeze(1) - z.masked_fill(hot, -torch.inf).amax(1)
+
+    found = margin(f) <= 0
+
+    def record(z: Tensor) -> None:
+        nonlocal found
+        found = found | (margin(z.detach()) <= 0)
+
+    objectives = [
+        (lambda z, j=j: z[:, j] - z.gather(1, y[:, None]).squeeze(1)) for j in range(f.shape[1])
+    ]
+    _search(model, X, pert, objectives, record, steps, restarts, vertices, (), seed)
+    return found
 
 
 def _unflatten(template: Perturbed, flat: list[Tensor]) -> dict[str, Deltas | Tensor | None]:

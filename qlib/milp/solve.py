@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from qlib import attack, bounds
+from qlib.attack import attack_margin  # re-exported: verification runs it first
 from qlib.milp.backends import make_backend
 from qlib.milp.formulation import Program, build
 from qlib.milp.witness import Witness, replay
@@ -411,39 +412,3 @@ def verify(
     return MarginVerification(
         tuple(images), "exact" if exact else "sound bound (Conv2d relaxation)"
     )
-
-
-def attack_margin(
-    model: nn.Sequential,
-    X: Tensor,
-    y: Tensor,
-    pert: Perturbation,
-    *,
-    steps: int = 20,
-    restarts: int = 1,
-    vertices: int = 8,
-    seed: int = 0,
-) -> Tensor:
-    """``[N]`` bool: some concrete perturbed network found by ``qlib.attack``'s search (random
-    vertices, then sign-gradient ascent on ``z_j - z_y`` for every class ``j``) gives image ``n``
-    a margin ``<= 0``. Its complement bounds verified accuracy from above."""
-    y = y.long()
-    with torch.no_grad():
-        f = attack.perturbed_forward(model, X, pert)
-    hot = torch.nn.functional.one_hot(y, f.shape[1]).bool()
-
-    def margin(z: Tensor) -> Tensor:
-        return z.gather(1, y[:, None]).squeeze(1) - z.masked_fill(hot, -torch.inf).amax(1)
-
-    found = margin(f) <= 0
-
-    def record(z: Tensor) -> None:
-        nonlocal found
-        found = found | (margin(z.detach()) <= 0)
-
-    objectives = [
-        (lambda z, j=j: z[:, j] - z.gather(1, y[:, None]).squeeze(1)) for j in range(f.shape[1])
-    ]
-    # attack's search loop (random vertices, PGD per objective) with margin objectives
-    attack._search(model, X, pert, objectives, record, steps, restarts, vertices, (), seed)
-    return found
