@@ -50,8 +50,9 @@ computes no margins (it needs gradients, not certificates).
 The network is an ``nn.Sequential`` of Linear, Conv2d, ReLU and Flatten; a ReLU must follow every
 affine layer except the last, which gives the logits.
 
-Modules: ``values`` (``Interval``, ``LinearBound``), ``layers`` (the per-layer objects with their
-IBP, back-substitution and concrete perturbed rules; ``layers(model, in_shape)``), ``propagation``
+Modules: ``values`` (``Interval``, ``LinearBound``), ``base``, ``affine`` and ``relu`` (the
+per-layer objects with their IBP, back-substitution and concrete perturbed rules), ``layers``
+(``layers(model, in_shape)``), ``propagation``
 (``forward_bounds``, ``backsubstitute``, ``unstable``), ``methods`` (``logit_bounds``,
 ``margin_bounds`` and the registry of methods by name), ``measures`` (``worst_case_discrepancy``,
 ``verified_accuracy``).

@@ -1,0 +1,238 @@
+"""Affine layers, ``(W + ΔW) h + (b + Δb)`` for a non-negative input ``h``: Linear and Conv2d
+share the interval product, the back-substitution rule and the concrete forward of ``Affine``
+and differ only in how a weight is applied and transposed."""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qlib.bounds import rounding
+from qlib.bounds.base import Layer, RowDelta, abs_dot, as_float64, step_slack
+from qlib.bounds.values import Interval, LinearBound
+from qlib.quant import Perturbation
+
+__all__ = ["Affine", "Conv2d", "Linear"]
+
+
+class Affine(Layer):
+    """``ẑ = (W + ΔW) h + (b + Δb)`` for a non-negative input ``h``; Linear or Conv2d subclasses."""
+
+    def weight(self, like: Tensor) -> Tensor:
+        return self.module.weight.to(like.dtype)
+
+    def bias(self, like: Tensor) -> Tensor:
+        b = self.module.bias
+        if b is None:
+            return torch.zeros(self.module.weight.shape[0], dtype=like.dtype, device=like.device)
+        return b.to(like.dtype)
+
+    @abstractmethod
+    def apply(self, x: Tensor, weight: Tensor) -> Tensor:
+        """``weight`` applied to ``x`` [B, *in_shape] without bias -> [B, *out_shape]."""
+        raise NotImplementedError
+
+    @abstractmethod
+    def apply_t(self, A: Tensor, weight: Tensor) -> Tensor:
+        """The transpose: ``A`` [B, *out_shape] -> [B, *in_shape]."""
+        raise NotImplementedError
+
+    @abstractmethod
+    def bias_map(self, like: Tensor) -> Tensor:
+        """The bias broadcast to ``out_shape``."""
+        raise NotImplementedError
+
+    def apply_ones(self, x: Tensor) -> Tensor:
+        """An all-ones weight applied to ``x``: sums over every output's receptive field."""
+        return self.apply(x, torch.ones_like(self.weight(x)))
+
+    def apply_t_ones(self, A: Tensor) -> Tensor:
+        """The transpose of ``apply_ones``."""
+        return self.apply_t(A, torch.ones_like(self.weight(A)))
+
+    @property
+    def fan_in(self) -> int:
+        """Terms of one output's dot product: the inputs of one neuron or one kernel."""
+        return self.module.weight[0].numel()
+
+    def ibp(self, box: Interval, pert: Perturbation) -> Interval:
+        """The exact interval product for a non-negative input ``[l, u]``: with
+        ``Wu = W + eps_w`` and ``Wl = W - eps_w``, ``Wu⁺ u + Wu⁻ l + b + eps_b`` above and
+        ``Wl⁺ l + Wl⁻ u + b - eps_b`` below, each term its own weight's extreme (tighter than
+        the centre-radius rule by ``eps_w (u_j - l_j)`` per term), rounded outward."""
+        lo, hi = box.lower, box.upper
+        W = self.weight(lo)
+        eps_w = rounding.ceil(pert.eps_weight, lo.dtype)
+        eps_b = rounding.ceil(pert.eps_bias, lo.dtype)
+        b = self.bias_map(lo)
+        Wu, Wl = (rounding.up(W + eps_w), rounding.down(W - eps_w)) if eps_w else (W, W)
+        upper = self.apply(hi, Wu.clamp(min=0)) + self.apply(lo, Wu.clamp(max=0)) + b
+        lower = self.apply(lo, Wl.clamp(min=0)) + self.apply(hi, Wl.clamp(max=0)) + b
+        if eps_b:
+            upper, lower = upper + eps_b, lower - eps_b
+        if rounding.enabled():
+            # 2 fan_in + 2 terms per output; |Wu|, |Wl| <= |W| + eps_w and 0 <= l <= u.
+            m = rounding.margin(
+                self.apply(hi, W.abs() + eps_w) + b.abs() + eps_b, 2 * self.fan_in + 2
+            )
+            upper, lower = rounding.up(upper + m), rounding.down(lower - m)
+        return Interval(lower, upper)
+
+    def backward(self, bound: LinearBound, pert: Perturbation) -> LinearBound:
+        A = bound.A
+        lead = A.shape[: A.ndim - len(self.out_shape)]
+        flat = A.reshape(-1, *self.out_shape)
+        W = self.weight(A)
+        eps_w = rounding.ceil(pert.eps_weight, A.dtype)
+        eps_b = rounding.ceil(pert.eps_bias, A.dtype)
+        A_in = self.apply_t(flat, W)
+        l1 = None
+        if eps_w:
+            # Valid because the layer input is non-negative: min over ΔW of c^T ΔW h = -eps_w ||c||_1 1^T h
+            # per output row, i.e. the transpose of an all-ones kernel applied to |c|.
+            A_in, l1 = self.sub_weight_term(A_in, flat, eps_w)
+        const = self.bias_dot(flat)
+        if eps_b:
+            if l1 is None:
+                l1 = torch.linalg.vector_norm(flat.flatten(1), 1, dim=1)
+            const = const - eps_b * l1
+        return LinearBound(
+            A_in.reshape(*lead, *self.in_shape),
+            bound.const + const.reshape(lead),
+            self.step_slack(bound, pert),
+        )
+
+    def step_slack(self, bound: LinearBound, pert: Perturbation) -> Tensor | None:
+        """``bound.slack`` plus the rounding error of ``backward(bound)`` over the layer input
+        ``h`` in ``[0, u_h]``: ``|A| (|W| + eps_w) u_h`` for ``A_in h`` and ``|A| (|b| + eps_b)``
+        for the constant. Per sample ``[N, S]`` even where ``A`` is shared."""
+        if not rounding.enabled():
+            return bound.slack
+        A = bound.A
+        eps_w = rounding.ceil(pert.eps_weight, A.dtype)
+        eps_b = rounding.ceil(pert.eps_bias, A.dtype)
+        u_h = self.input_box().upper
+        v = self.apply(u_h, self.weight(A).abs() + eps_w) + self.bias_map(A).abs() + eps_b
+        return step_slack(bound, abs_dot(A, v), math.prod(self.out_shape) + 4)
+
+    def sub_weight_term(
+        self, A_in: Tensor, flat: Tensor, eps: float
+    ) -> tuple[Tensor, Tensor | None]:
+        """``A_in - eps * apply_t_ones(|flat|)`` and, when computed anyway, ``||flat||_1`` [B]."""
+        return A_in - eps * self.apply_t_ones(flat.abs()), None
+
+    def bias_dot(self, flat: Tensor) -> Tensor:
+        """``A · b`` [B] for ``A`` [B, *out_shape]."""
+        return (flat * self.bias_map(flat)).flatten(1).sum(1)
+
+    def perturbed(
+        self, h: Tensor, dW: Tensor | RowDelta | None = None, db: Tensor | None = None
+    ) -> Tensor:
+        """``(W + dW) h + (b + db)`` in float64 for ``h`` [N, *in_shape]; a delta with a leading
+        sample dimension ``[N, ...]`` gives every sample its own network."""
+        W = as_float64(self.module.weight)
+        b = self.bias(W).detach() if self.module.bias is None else as_float64(self.module.bias)
+        if isinstance(dW, RowDelta):
+            z = self.perturbed(h, None, db)
+            # (W + eps t 1^T) h = W h + eps t (1^T h), the sum running over each output's receptive
+            # field: the same for every output row, so one all-ones row computes it.
+            support = self.apply(h, torch.ones_like(W[:1]))
+            t = dW.t.to(torch.float64).reshape(len(h), -1, *([1] * (support.ndim - 2)))
+            return z + dW.eps * t * support
+        if dW is not None:
+            W = W + dW.to(torch.float64)
+        if db is not None:
+            b = b + db.to(torch.float64)
+        return self.apply_per_sample(h, W, b)
+
+    @abstractmethod
+    def apply_per_sample(self, h: Tensor, W: Tensor, b: Tensor) -> Tensor:
+        """``W h + b`` where ``W`` and ``b`` may carry a leading sample dimension."""
+        raise NotImplementedError
+
+
+class Linear(Affine):
+    def apply(self, x: Tensor, weight: Tensor) -> Tensor:
+        return x @ weight.T
+
+    def apply_t(self, A: Tensor, weight: Tensor) -> Tensor:
+        return A @ weight
+
+    def bias_map(self, like: Tensor) -> Tensor:
+        return self.bias(like)
+
+    def apply_ones(self, x: Tensor) -> Tensor:
+        return x.sum(-1, keepdim=True).expand(*x.shape[:-1], self.module.out_features)
+
+    def apply_t_ones(self, A: Tensor) -> Tensor:
+        return A.sum(-1, keepdim=True).expand(*A.shape[:-1], self.module.in_features)
+
+    def sub_weight_term(
+        self, A_in: Tensor, flat: Tensor, eps: float
+    ) -> tuple[Tensor, Tensor | None]:
+        # Every input gets the same term eps ||c||_1: one norm, one in-place subtraction.
+        l1 = torch.linalg.vector_norm(flat, 1, dim=-1)
+        if A_in.requires_grad or l1.requires_grad:
+            return A_in - eps * l1.unsqueeze(-1), l1
+        return A_in.sub_(eps * l1.unsqueeze(-1)), l1
+
+    def bias_dot(self, flat: Tensor) -> Tensor:
+        return flat @ self.bias(flat)
+
+    def apply_per_sample(self, h: Tensor, W: Tensor, b: Tensor) -> Tensor:
+        if W.ndim > self.module.weight.ndim:
+            return torch.einsum("ni,noi->no", h, W) + b
+        return h @ W.T + b
+
+
+class Conv2d(Affine):
+    def __init__(self, index: int, module: nn.Conv2d, in_shape: tuple[int, ...]) -> None:
+        super().__init__(index, module, in_shape)
+        m = module
+        # conv_transpose2d cannot tell which input size produced the output: recover the rows and
+        # columns that the stride dropped as output padding.
+        self.output_padding = tuple(
+            in_shape[1 + d]
+            - (
+                (self.out_shape[1 + d] - 1) * m.stride[d]
+                - 2 * m.padding[d]
+                + m.dilation[d] * (m.kernel_size[d] - 1)
+                + 1
+            )
+            for d in range(2)
+        )
+
+    def apply(self, x: Tensor, weight: Tensor) -> Tensor:
+        m = self.module
+        return F.conv2d(x, weight, None, m.stride, m.padding, m.dilation, m.groups)
+
+    def apply_t(self, A: Tensor, weight: Tensor) -> Tensor:
+        m = self.module
+        return F.conv_transpose2d(
+            A, weight, None, m.stride, m.padding, self.output_padding, m.groups, m.dilation
+        )
+
+    def bias_map(self, like: Tensor) -> Tensor:
+        return self.bias(like).reshape(-1, 1, 1)
+
+    def apply_per_sample(self, h: Tensor, W: Tensor, b: Tensor) -> Tensor:
+        m, n = self.module, len(h)
+        if W.ndim > m.weight.ndim:
+            # One grouped convolution runs a different kernel for every sample.
+            z = F.conv2d(
+                h.reshape(1, -1, *h.shape[2:]),
+                W.reshape(-1, *W.shape[2:]),
+                None,
+                m.stride,
+                m.padding,
+                m.dilation,
+                m.groups * n,
+            )
+            z = z.reshape(n, -1, *z.shape[2:])
+        else:
+            z = F.conv2d(h, W, None, m.stride, m.padding, m.dilation, m.groups)
+        return z + (b.reshape(n, -1, 1, 1) if b.ndim == 2 else b.reshape(-1, 1, 1))

@@ -1,0 +1,176 @@
+"""The layer protocol of the perturbation model and what every layer shares: the ``Layer`` base
+class with its three rules, the clipped perturbation, the concrete row deltas of attacks, the
+rounding slack of a back-substitution step, and the ``Flatten`` layer."""
+
+from __future__ import annotations
+
+import math
+import weakref
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from qlib.bounds import rounding
+from qlib.bounds.values import Interval, LinearBound
+from qlib.quant import Perturbation
+
+__all__ = [
+    "Clipped",
+    "Flatten",
+    "Layer",
+    "RowDelta",
+    "abs_dot",
+    "clip_of",
+    "as_float64",
+    "floor",
+    "step_slack",
+]
+
+
+@dataclass(frozen=True)
+class Clipped(Perturbation):
+    """A scalar perturbation whose values are clipped at ``clip`` before ``δ`` is added:
+    ``min(v, clip) + δ``, ``|δ| <= eps``, result ``>= 0`` (for a ReLU ``v = relu(ẑ)`` and
+    ``eps = eps_act``; for the input ``v = x`` and ``eps = eps_input``): a saturating quantiser
+    with range ``clip`` whose rounding is a box of half a step. ``clip=None``: no clip."""
+
+    clip: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.clip is not None:
+            c = float(self.clip)
+            if not math.isfinite(c) or c < 0:
+                raise ValueError(f"clip must be finite and >= 0, got {self.clip!r}")
+            object.__setattr__(self, "clip", c)
+
+
+def clip_of(pert: Perturbation) -> float | None:
+    """The clip of a per-layer perturbation (None for a plain ``Perturbation``)."""
+    return pert.clip if isinstance(pert, Clipped) else None
+
+
+def floor(value: float, dtype: torch.dtype) -> float:
+    """The largest number of ``dtype`` that is <= ``value``."""
+    t = torch.tensor(value, dtype=dtype)
+    if float(t) > value:
+        t = torch.nextafter(t, torch.tensor(float("-inf"), dtype=dtype))
+    return float(t)
+
+
+@dataclass(frozen=True)
+class RowDelta:
+    """A weight delta that is constant along each output row: ``dW[n, o, ...] = eps * t[n, o]``.
+
+    ``t`` [N, out] in [-1, 1], one row per sample. For a non-negative layer input ``h`` these
+    deltas reach exactly the pre-activations ``W h + b +/- eps_w 1^T h`` that any weight delta
+    reaches (the envelope of ``qlib.bounds``), with ``out`` instead of ``out x in`` parameters per
+    sample, which is what makes gradient attacks on wide layers affordable. For a convolution the
+    row is a whole kernel, shared by every position, so it is a real network too.
+    """
+
+    t: Tensor
+    eps: float
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.t.shape)
+
+    def abs(self) -> Tensor:
+        return self.t.abs() * self.eps
+
+
+# id(parameter) -> (weak reference to it, its version, its float64 copy). Weak, so that the
+# cache never keeps a model's weights alive; dead entries are dropped on the next insertion.
+_FLOAT64: dict[int, tuple[weakref.ref, int, Tensor]] = {}
+
+
+def as_float64(tensor: Tensor) -> Tensor:
+    """``tensor`` in float64, converted once per version (attacks run thousands of forwards)."""
+    hit = _FLOAT64.get(id(tensor))
+    if hit is not None and hit[0]() is tensor and hit[1] == tensor._version:
+        return hit[2]
+    for key in [k for k, (ref, _, _) in _FLOAT64.items() if ref() is None]:
+        del _FLOAT64[key]
+    value = tensor.detach().to(torch.float64)
+    _FLOAT64[id(tensor)] = (weakref.ref(tensor), tensor._version, value)
+    return value
+
+
+class Layer(ABC):
+    """One layer of the perturbation model: shapes (without the batch dim) and its rules.
+
+    ``inp`` holds the interval of the layer's input ``[N, *in_shape]`` once propagation has
+    computed it (``forward_bounds``); the rounding margins of ``backward`` are taken over it.
+    """
+
+    inp: Interval | None = None
+
+    def __init__(self, index: int, module: nn.Module, in_shape: tuple[int, ...]) -> None:
+        self.index = index
+        self.module = module
+        self.in_shape = in_shape
+        weight = getattr(module, "weight", None)
+        dtype = weight.dtype if isinstance(weight, Tensor) else torch.get_default_dtype()
+        with torch.no_grad():
+            self.out_shape = tuple(module(torch.zeros(1, *in_shape, dtype=dtype)).shape[1:])
+
+    @abstractmethod
+    def ibp(self, box: Interval, pert: Perturbation) -> Interval:
+        """Interval of the layer output ``[N, *out_shape]`` from the input interval."""
+        raise NotImplementedError
+
+    @abstractmethod
+    def backward(self, bound: LinearBound, pert: Perturbation) -> LinearBound:
+        """Lower bound in terms of the layer input from a lower bound in terms of its output."""
+        raise NotImplementedError
+
+    @abstractmethod
+    def perturbed(self, h: Tensor) -> Tensor:
+        """The output ``[N, *out_shape]`` (float64) of one concrete network for the input ``h``;
+        subclasses take that layer's deltas as further arguments."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(#{self.index} {self.module}, {self.in_shape}->{self.out_shape})"
+        )
+
+    def input_box(self) -> Interval:
+        if self.inp is None:
+            raise RuntimeError(f"layer {self.index}: its input interval is not set")
+        return self.inp
+
+
+def abs_dot(A: Tensor, v: Tensor) -> Tensor:
+    """``|A| · v`` per sample ``[N, S]`` for ``A`` ``[N, S, *shape]`` or ``[S, *shape]`` and
+    ``v`` ``[N, *shape]`` (the evaluation on absolute values that a rounding margin needs)."""
+    n, k = len(v), v[0].numel()
+    per_sample = A.ndim == v.ndim + 1
+    v = v.reshape(n, k)
+    if per_sample:
+        return torch.bmm(A.abs().reshape(n, -1, k), v.unsqueeze(2)).squeeze(2)
+    return v @ A.abs().reshape(-1, k).T
+
+
+def step_slack(bound: LinearBound, abs_value: Tensor, n_terms: int) -> Tensor | None:
+    """The slack after one backward step: the old one plus the step's rounding margin, whose
+    evaluation on absolute values is ``abs_value`` ``[N, S]`` plus ``|const|``."""
+    if not rounding.enabled():
+        return bound.slack
+    step = rounding.margin(abs_value + bound.const.abs(), n_terms)
+    return step if bound.slack is None else rounding.up(bound.slack + step)
+
+
+class Flatten(Layer):
+    def ibp(self, box: Interval, pert: Perturbation) -> Interval:
+        return Interval(box.lower.flatten(1), box.upper.flatten(1))
+
+    def backward(self, bound: LinearBound, pert: Perturbation) -> LinearBound:
+        lead = bound.A.shape[: bound.A.ndim - len(self.out_shape)]
+        return LinearBound(bound.A.reshape(*lead, *self.in_shape), bound.const, bound.slack)
+
+    def perturbed(self, h: Tensor) -> Tensor:
+        return h.flatten(1)
