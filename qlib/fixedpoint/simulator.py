@@ -1,70 +1,43 @@
-"""The published fixed-point post-training quantisation simulator, with a certified bound beside
-every measured error.
+"""The published fixed-point feed-forward (grids, saturation, the per-layer certified box).
 
-The feed-forward of Dang et al. (AISTATS 2025, ``quantization/compute_quantization_error_*.py``)
-for a ReLU MLP ``Flatten, Linear, ReLU, ..., Linear``:
-
-- weights and biases: signed, per tensor, range ``R = 2^ceil(log2 max|W|)``, step ``R 2^(1-b)``,
-  codes ``-2^(b-1) .. 2^(b-1) - 1``, round to nearest (the published ``quantizeSigned``; a
-  weight equal to ``R`` does not fit and saturates to ``R (1 - 2^(1-b))``). ``asymmetric=True``
-  uses a min/max grid with a zero point instead: step ``(max - min) / (2^b - 1)`` over
-  ``[min(W, 0), max(W, 0)]``, codes ``0 .. 2^b - 1``.
-- inputs: the signed grid with ``R = 1`` (pixels in [0, 1]; a pixel near 1 saturates);
-- hidden activations: ``relu``, clip to ``[0, R_a]``, unsigned grid of step ``R_a 2^-b_a``, codes
-  ``0 .. 2^b_a - 1`` (``quantizeUnsigned``); ``R_a = 8`` as published for Fashion-MNIST, or a
-  per-layer power of two from calibration data (``act_range="pow2"``);
-- the logits are the last layer's exact output (not quantised).
-
-Arithmetic is float64: every quantised value is a multiple of a power of two, so the sums of
-products are exact (a fixed-point accumulator) as long as they fit in 53 bits, which they do
-for the bit widths swept here; with ``asymmetric=True`` or ``act_range`` not a power of two
-they are float64-rounded instead.
-
-Certified bound. Every quantised network built here lies in a per-layer box
-(``qlib.quant.LayerPerturbation``) around the float network: each layer's weights and biases
-within half its own step, inputs and activations the clipped model ``min(v, T) + δ`` with ``T``
-the top grid value and ``|δ|`` half a step. Saturation is handled soundly, not assumed away:
-an input or activation beyond ``T`` is rounded to ``T`` exactly, which the clip models, so the
-box holds for every input in [0, 1], not only the evaluated images; a saturated weight or bias
-(a weight equal to its power-of-two range, or a forced ``weight_range``) widens its layer's
-radius to the exact largest error, which is reported (``PTQResult.widened``). The bounds of
-``qlib.bounds`` computed with this box are therefore sound for this exact quantised network,
-and every saturation count is in each result.
+See ``qlib.fixedpoint`` for the model of arithmetic; ``evaluation`` measures what it does.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from qlib.quant import LayerPerturbation
 
 __all__ = [
+    "DTYPE",
+    "MAX_BITS",
+    "MIN_BITS",
     "FixedPoint",
     "LayerQuant",
     "QuantizedInputs",
     "QuantizedMLP",
     "SimOutput",
-    "PTQResult",
-    "fixed_point",
-    "quantize_inputs",
     "activation_maxima",
-    "evaluate_fixed_point",
-    "ptq_sweep",
+    "check_bits",
+    "fixed_point",
+    "layer_bias",
+    "mlp_linears",
+    "quantize_inputs",
 ]
 
 MIN_BITS, MAX_BITS = 2, 32
-_DTYPE = torch.float64
+DTYPE = torch.float64
 
 
-def _check_bits(name: str, bits) -> int:
+def check_bits(name: str, bits) -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(f"{name} must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
     return bits
@@ -91,11 +64,11 @@ class FixedPoint:
     asymmetric: bool = False
 
     def __post_init__(self) -> None:
-        _check_bits("weight_bits", self.weight_bits)
-        _check_bits("input_bits", self.input_bits)
-        _check_bits("act_bits", self.act_bits)
+        check_bits("weight_bits", self.weight_bits)
+        check_bits("input_bits", self.input_bits)
+        check_bits("act_bits", self.act_bits)
         if self.bias_bits is not None:
-            _check_bits("bias_bits", self.bias_bits)
+            check_bits("bias_bits", self.bias_bits)
         if self.act_range != "pow2" and not _positive(self.act_range):
             raise ValueError(f"act_range must be a float > 0 or 'pow2', got {self.act_range!r}")
         if self.weight_range is not None and not _positive(self.weight_range):
@@ -181,7 +154,7 @@ def _pow2_range(m: float) -> float:
     return 2.0 ** math.ceil(math.log2(m)) if m > 0 else 1.0
 
 
-def _mlp_linears(model: nn.Module) -> list[nn.Linear]:
+def mlp_linears(model: nn.Module) -> list[nn.Linear]:
     """The Linear layers of a ReLU MLP; any other structure is refused naming the layer."""
     if not isinstance(model, nn.Sequential):
         raise TypeError(
@@ -215,10 +188,10 @@ def _mlp_linears(model: nn.Module) -> list[nn.Linear]:
 @torch.no_grad()
 def _act_maxima(linears: Sequence[nn.Linear], X: Tensor) -> list[float]:
     """Largest post-ReLU float activation of every hidden layer on ``X``."""
-    h = X.flatten(1).to(_DTYPE)
+    h = X.flatten(1).to(DTYPE)
     out = []
     for lin in linears[:-1]:
-        h = torch.relu(F.linear(h, lin.weight.to(_DTYPE), _bias(lin)))
+        h = torch.relu(F.linear(h, lin.weight.to(DTYPE), layer_bias(lin)))
         out.append(h.max().item() if h.numel() else 0.0)
     return out
 
@@ -226,13 +199,13 @@ def _act_maxima(linears: Sequence[nn.Linear], X: Tensor) -> list[float]:
 def activation_maxima(model: nn.Module, X: Tensor) -> list[float]:
     """The largest float post-ReLU activation of every hidden layer of the ReLU MLP ``model``
     on ``X`` [N, C, H, W] (what a clip range ``R_a`` has to cover)."""
-    return _act_maxima(_mlp_linears(model), X)
+    return _act_maxima(mlp_linears(model), X)
 
 
-def _bias(lin: nn.Linear) -> Tensor:
+def layer_bias(lin: nn.Linear) -> Tensor:
     if lin.bias is None:
-        return torch.zeros(lin.out_features, dtype=_DTYPE)
-    return lin.bias.detach().to(_DTYPE)
+        return torch.zeros(lin.out_features, dtype=DTYPE)
+    return lin.bias.detach().to(DTYPE)
 
 
 @dataclass(frozen=True)
@@ -249,8 +222,8 @@ class QuantizedInputs:
 @torch.no_grad()
 def quantize_inputs(X: Tensor, bits: int) -> QuantizedInputs:
     """The published input quantisation of ``X`` [N, ...] in [0, 1] (``quantizeSigned``, R = 1)."""
-    _check_bits("input_bits", bits)
-    x = X.flatten(1).to(_DTYPE)
+    check_bits("input_bits", bits)
+    x = X.flatten(1).to(DTYPE)
     h, sat = _signed(x, bits, 1.0)
     return QuantizedInputs(bits, h, (h - x).abs_().amax(1), int(sat.sum()))
 
@@ -289,7 +262,7 @@ class QuantizedMLP:
                 f"the network expects {cfg.input_bits} bits for {len(X)}"
             )
         h = inputs.values
-        act_err = torch.zeros(len(h), dtype=_DTYPE)
+        act_err = torch.zeros(len(h), dtype=DTYPE)
         act_sat = 0
         top = 2.0**cfg.act_bits - 1
         for (W, b), layer in zip(self.params, self.layers, strict=True):
@@ -310,8 +283,8 @@ class QuantizedMLP:
         without input and activation rounding, e.g. for ``perturbation_between``)."""
         import copy
 
-        out = copy.deepcopy(like).to(_DTYPE)
-        for lin, (W, b) in zip(_mlp_linears(out), self.params, strict=True):
+        out = copy.deepcopy(like).to(DTYPE)
+        for lin, (W, b) in zip(mlp_linears(out), self.params, strict=True):
             lin.weight.data.copy_(W)
             if lin.bias is not None:
                 lin.bias.data.copy_(b)
@@ -375,7 +348,7 @@ def fixed_point(
     cfg = config or FixedPoint()
     if not isinstance(cfg, FixedPoint):
         raise TypeError(f"config must be a qlib.fixedpoint.FixedPoint, got {type(cfg).__name__}")
-    linears = _mlp_linears(model)
+    linears = mlp_linears(model)
     if cfg.act_range == "pow2":
         if calib is None:
             raise ValueError("act_range='pow2' needs calibration images: pass calib=X_train[:n]")
@@ -384,7 +357,7 @@ def fixed_point(
         act_ranges = [float(cfg.act_range)] * (len(linears) - 1)
     params, layers = [], []
     for i, lin in enumerate(linears):
-        W, b = lin.weight.detach().to(_DTYPE), _bias(lin)
+        W, b = lin.weight.detach().to(DTYPE), layer_bias(lin)
         qW, sat_w, rW, sW = _quantize_param(W, cfg.weight_bits, cfg)
         qb, sat_b, rb, sb = _quantize_param(b, cfg.effective_bias_bits, cfg)
         hidden = i < len(linears) - 1
@@ -418,196 +391,3 @@ def _quantize_param(t: Tensor, bits: int, cfg: FixedPoint) -> tuple[Tensor, Tens
     r = cfg.weight_range or _pow2_range(t.abs().max().item() if t.numel() else 0.0)
     q, sat = _signed(t, bits, r)
     return q, sat, r, r * 2.0 ** (1 - bits)
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-@dataclass(frozen=True)
-class PTQResult:
-    """One quantised network evaluated on a test set of ``N`` images.
-
-    ``error`` [N]: ``|p_y(quantised) - p_y(float)|``, the change in true-class probability; its
-    max and mean are the published quantisation errors. ``linf_*``: the max over classes of the
-    probability change (what the published F-MNIST script computes). ``certified`` [n]: the
-    certified worst-case discrepancy (``qlib.bounds.worst_case_discrepancy``) of the first
-    ``n`` images under ``pert``, a per-layer box that contains this quantised network
-    (``widened``: the parameter kinds whose radius saturation pushed past half a step).
-    ``correct`` [N]: whether the
-    quantised network classifies each image correctly (for paired comparisons).
-    """
-
-    model: str
-    config: FixedPoint
-    accuracy: float
-    float_accuracy: float
-    error: Tensor
-    error_max: float
-    error_mean: float
-    linf_max: float
-    linf_mean: float
-    saturated_weights: int
-    saturated_biases: int
-    saturated_inputs: int
-    saturated_acts: int
-    n_weights: int
-    layers: tuple[LayerQuant, ...]
-    pert: LayerPerturbation
-    widened: tuple[str, ...]
-    certified: Tensor | None = None
-    method: str | None = None
-    correct: Tensor | None = None
-
-    @property
-    def certified_max(self) -> float | None:
-        return None if self.certified is None else self.certified.max().item()
-
-    @property
-    def certified_mean(self) -> float | None:
-        return None if self.certified is None else self.certified.mean().item()
-
-    def row(self) -> dict:
-        """A flat dict for a table."""
-        n = 0 if self.certified is None else len(self.certified)
-        return {
-            "model": self.model,
-            "weight_bits": self.config.weight_bits,
-            "input_bits": self.config.input_bits,
-            "act_bits": self.config.act_bits,
-            "asymmetric": self.config.asymmetric,
-            "accuracy": self.accuracy,
-            "float_accuracy": self.float_accuracy,
-            "error_max": self.error_max,
-            "error_mean": self.error_mean,
-            "linf_max": self.linf_max,
-            "linf_mean": self.linf_mean,
-            "saturated_weights": self.saturated_weights,
-            "saturated_inputs": self.saturated_inputs,
-            "saturated_acts": self.saturated_acts,
-            "widened": ",".join(self.widened),
-            "n_certified": n,
-            "measured_max_on_certified": self.error[:n].max().item() if n else None,
-            "certified_max": self.certified_max,
-            "certified_mean": self.certified_mean,
-        }
-
-
-@torch.no_grad()
-def _float_reference(model: nn.Module, X: Tensor) -> Tensor:
-    """Float64 logits of the float network ``[N, classes]``."""
-    linears = _mlp_linears(model)
-    h = X.flatten(1).to(_DTYPE)
-    for i, lin in enumerate(linears):
-        h = F.linear(h, lin.weight.to(_DTYPE), _bias(lin))
-        if i < len(linears) - 1:
-            h = torch.relu(h)
-    return h
-
-
-def _check_xy(X: Tensor, y: Tensor) -> None:
-    if not isinstance(X, Tensor) or X.ndim < 2 or len(X) == 0:
-        raise ValueError(f"X must be a non-empty batch [N, ...], got {getattr(X, 'shape', X)}")
-    if not isinstance(y, Tensor) or y.shape != (len(X),):
-        raise ValueError(f"y must have shape ({len(X)},), got {getattr(y, 'shape', y)}")
-    if not torch.isfinite(X).all() or X.min() < 0 or X.max() > 1:
-        raise ValueError("X must be finite and in [0, 1]")
-
-
-def evaluate_fixed_point(
-    model: nn.Module,
-    X: Tensor,
-    y: Tensor,
-    config: FixedPoint | None = None,
-    *,
-    calib: Tensor | None = None,
-    certify: int = 0,
-    method: str = "ibp",
-    name: str = "model",
-    reference: Tensor | None = None,
-    inputs: QuantizedInputs | None = None,
-) -> PTQResult:
-    """Quantise ``model`` with ``config``, run it on ``X`` [N, C, H, W] with labels ``y`` [N],
-    and report accuracy, quantisation error and saturation; with ``certify = n > 0`` also the
-    certified worst-case discrepancy of the first ``n`` images (``method`` bounds of
-    ``qlib.bounds``). ``reference`` (float logits of ``model`` on ``X``) and ``inputs``
-    (``quantize_inputs(X, config.input_bits)``) may be passed to share them across networks."""
-    from qlib import bounds
-
-    _check_xy(X, y)
-    if isinstance(certify, bool) or not isinstance(certify, int) or certify < 0:
-        raise ValueError(f"certify must be an integer >= 0, got {certify!r}")
-    q = fixed_point(model, config, calib)
-    sim = q.forward(X, inputs)
-    ref = _float_reference(model, X) if reference is None else reference
-    y = y.long()
-    p_q, p_f = torch.softmax(sim.logits, 1), torch.softmax(ref, 1)
-    error = (p_q - p_f).gather(1, y[:, None]).squeeze(1).abs()
-    linf = (p_q - p_f).abs().amax(1)
-    pert, widened = q.perturbation()
-    certified = None
-    if certify:
-        n = min(certify, len(X))
-        certified = bounds.worst_case_discrepancy(model, X[:n], y[:n], pert, method).d
-    return PTQResult(
-        model=name,
-        config=q.config,
-        accuracy=(sim.logits.argmax(1) == y).double().mean().item(),
-        float_accuracy=(ref.argmax(1) == y).double().mean().item(),
-        error=error,
-        error_max=error.max().item(),
-        error_mean=error.mean().item(),
-        linf_max=linf.max().item(),
-        linf_mean=linf.mean().item(),
-        saturated_weights=q.saturated_weights,
-        saturated_biases=q.saturated_biases,
-        saturated_inputs=sim.saturated_inputs,
-        saturated_acts=sim.saturated_acts,
-        n_weights=sum(layer.n_weights for layer in q.layers),
-        layers=tuple(q.layers),
-        pert=pert,
-        widened=widened,
-        certified=certified,
-        method=method if certify else None,
-        correct=sim.logits.argmax(1) == y,
-    )
-
-
-def ptq_sweep(
-    models: Mapping[str, nn.Module],
-    X: Tensor,
-    y: Tensor,
-    weight_bits: Iterable[int] = range(2, 17),
-    config: FixedPoint | None = None,
-    *,
-    calib: Tensor | None = None,
-    certify: int = 0,
-    method: str = "ibp",
-    progress: bool = True,
-) -> list[PTQResult]:
-    """``evaluate_fixed_point`` for every model and weight (and bias) bit width; the other
-    settings come from ``config``. The float reference runs once per model."""
-    base = config or FixedPoint()
-    bits = [_check_bits("weight_bits", b) for b in weight_bits]
-    if not models:
-        raise ValueError("models is empty: give a mapping name -> model")
-    jobs = [(name, b) for name in models for b in bits]
-    refs = {name: _float_reference(m, X) for name, m in models.items()}
-    inputs = quantize_inputs(X, base.input_bits)
-    out = []
-    for name, b in tqdm(jobs, desc="PTQ sweep", disable=not progress, leave=False):
-        cfg = replace(base, weight_bits=b, bias_bits=None)
-        out.append(
-            evaluate_fixed_point(
-                models[name],
-                X,
-                y,
-                cfg,
-                calib=calib,
-                certify=certify,
-                method=method,
-                name=name,
-                reference=refs[name],
-                inputs=inputs,
-            )
-        )
-    return out
