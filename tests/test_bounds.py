@@ -206,6 +206,40 @@ def test_intermediate_stop_between_crown_ibp_and_crown():
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_crown_ibp_stop_is_sound(arch: str):
+    """``CrownIbpOptions(stop=k)`` ends the logits' back-substitution at the IBP interval of
+    affine layer ``k``: still sound for logits and margins, within IBP, and ``stop=0`` is the
+    default bit for bit."""
+    for seed in range(3):
+        net = small_net(arch, 6, seed)
+        X = torch.rand(6, 1, 6, 6, generator=torch.Generator().manual_seed(seed))
+        y = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(seed))
+        pert = Perturbation.uniform(1 / 64)
+        lo, hi = attack.attack_logits(net, X, pert, steps=4, vertices=4, bits=(4,), seed=seed)
+        ibp = bounds.logit_bounds(net, X, pert, "ibp")
+        base = bounds.logit_bounds(net, X, pert, "crown-ibp")
+        zero = bounds.logit_bounds(net, X, pert, "crown-ibp", options=bounds.CrownIbpOptions())
+        assert torch.equal(base.lower, zero.lower) and torch.equal(base.upper, zero.upper)
+        for stop in (1, 2, -1):
+            opts = bounds.CrownIbpOptions(stop)
+            lower, upper = bounds.logit_bounds(net, X, pert, "crown-ibp", options=opts)
+            assert inside(lower, lo, upper) and inside(lower, hi, upper), stop
+            assert (ibp.lower <= lower).all() and (upper <= ibp.upper).all()
+            margin = bounds.margin_bounds(net, X, y, pert, "crown-ibp", options=opts)
+            with torch.no_grad():
+                f = net.double()(X.double())
+            net.float()
+            others = margin.isfinite()  # entry y is +inf
+            nominal = f.gather(1, y[:, None]) - f  # the float network is one of the networks
+            assert (margin[others] <= nominal[others] + TOL).all()
+            falsified = attack.attack_margin(net, X, y, pert, steps=4, vertices=4, seed=seed)
+            assert not (falsified & (margin > 0).all(1)).any()
+    mlp = small_net("mlp", 6, 0)
+    with pytest.raises(ValueError, match=r"CrownIbpOptions.stop must be in \[-3, 3\)"):
+        bounds.logit_bounds(mlp, X, pert, "crown-ibp", options=bounds.CrownIbpOptions(3))
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
 @pytest.mark.parametrize("kind", ["all", "act", "weight"])
 def test_unstable_only_equals_every_neuron(arch: str, kind: str):
     """Back-substituting only the neurons whose relaxation depends on their bounds gives the same

@@ -62,11 +62,19 @@ def test_genome_box_contains_the_fake_quantised_logits(prepared):
         box = ev.box(genome)
         with torch.no_grad(), ev.net.frozen_weights():
             z = ev.net.model(X).double()
-        for method in ("ibp", "crown-ibp"):
-            lower, upper = bounds.logit_bounds(ev.float_model, X, box, method)
-            assert bool(((lower <= z) & (z <= upper)).all()), (genome, method)
+        for method, options, dtype in (
+            ("ibp", None, torch.float64),
+            ("crown-ibp", None, torch.float64),
+            ("crown-ibp", bounds.CrownIbpOptions(stop=1), torch.float32),  # the Fashion workload's
+        ):
+            lower, upper = bounds.logit_bounds(
+                ev.float_model, X, box, method, options=options, dtype=dtype
+            )
+            assert bool(((lower <= z) & (z <= upper)).all()), (genome, method, options)
     # 16 bits everywhere: the box is tight, the certificate useful.
     assert (upper - lower).max() < 0.05
+    stop1 = certify.Certifier(ev.certifier.X, ev.certifier.y, "crown-ibp", stop=1)
+    assert 0 <= stop1(ev.float_model, box).value < 0.01
 
 
 def test_cnn_genome_box_contains_the_fake_quantised_logits():
@@ -134,6 +142,12 @@ def test_errors_name_the_layer_key_or_method(prepared, workload):
         certify.Certifier(ev.X, ev.y, "ibp", dtype="float16")
     with pytest.raises(certify.CertifyError, match="unknown bound method 'milp'"):
         certify.Certifier(ev.X, ev.y, "milp")
+    with pytest.raises(certify.CertifyError, match="stop=1 applies to method 'crown-ibp' only"):
+        certify.Certifier(ev.X, ev.y, "ibp", stop=1)
+    with pytest.raises(wl.WorkloadError, match="certified: stop applies to method crown-ibp"):
+        wl.override(workload, {"certified": {"method": "crown", "stop": 1}})
+    with pytest.raises(ValueError, match=r"CrownIbpOptions.stop must be in \[-3, 3\)"):
+        certify.Certifier(ev.X, ev.y, "crown-ibp", stop=3)(ev.float_model, ev.box([8] * 6))
     with pytest.raises(wl.WorkloadError, match="certified.method: unknown bound method"):
         wl.override(workload, {"certified": {"method": "exact"}})
     partial = fakequant.QuantNet(ev.net.model, ev.net.layers[:2])  # the last layer left float

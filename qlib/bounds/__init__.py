@@ -17,7 +17,8 @@ Two ways to bound the logits ``[N, classes]``:
   back-substituting a row ``c`` gives the lower bound ``(W^T c - eps_w ||c||_1 1)^T h + c^T b -
   eps_b ||c||_1``, linear in ``h``. ReLUs with activation perturbation are relaxed through
   ``relu(ẑ - eps_a) <= ĥ <= relu(ẑ) + eps_a``. ``"crown-ibp"`` takes the pre-activation bounds
-  from IBP, ``"crown"`` back-substitutes for every hidden layer too (intersected with IBP).
+  from IBP (``CrownIbpOptions(stop=1)`` ends the logits' back-substitution at the first hidden
+  layer's IBP interval, skipping the widest layer), ``"crown"`` back-substitutes for every hidden layer too (intersected with IBP).
   Only the hidden neurons whose relaxation depends on their bounds (``unstable``: the IBP
   interval straddles 0 or ``eps_a``) are back-substituted, each sample its own rows; the others
   keep their IBP interval, and since any sub-interval gives them the same relaxation the logit
@@ -89,6 +90,7 @@ from qlib.bounds.methods import (
 )
 from qlib.bounds.perlayer import Resolved, resolve
 from qlib.bounds.propagation import (
+    CrownIbpOptions,
     CrownOptions,
     FastOptions,
     backsubstitute,
@@ -104,6 +106,7 @@ __all__ = [
     "BoundMethod",
     "Clipped",
     "Conv2d",
+    "CrownIbpOptions",
     "CrownOptions",
     "Discrepancy",
     "FastOptions",

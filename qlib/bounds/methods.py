@@ -25,14 +25,14 @@ from qlib.bounds import rounding
 from qlib.bounds.layers import ReLU, layers
 from qlib.bounds.perlayer import AnyPerturbation, check_perturbation, resolve
 from qlib.bounds.propagation import (
+    CrownIbpOptions,
     CrownOptions,
     FastOptions,
     backsubstitute,
     chunk_size,
-    fast_stop,
     forward_bounds,
     identity_spec,
-    last_affine_input,
+    logit_stop,
     numel,
 )
 from qlib.bounds.values import Interval, LinearBound
@@ -52,7 +52,7 @@ __all__ = [
 
 Method = Literal["ibp", "crown-ibp", "crown-fast", "crown"]
 METHODS: tuple[str, ...] = ("ibp", "crown-ibp", "crown-fast", "crown")
-Options = CrownOptions | FastOptions
+Options = CrownOptions | FastOptions | CrownIbpOptions
 
 # (model, X, pert, options, dtype, differentiable, chunk) -> (lower, upper), each [N, C]
 BoundMethod = Callable[
@@ -153,7 +153,7 @@ def logit_bounds(
     model is always bounded in float64, and float32 bounds that overflow are recomputed in
     float64 with a warning.
     ``options``: the method's own (``CrownOptions`` for ``"crown"``, ``FastOptions`` for
-    ``"crown-fast"``). ``differentiable=True`` keeps the autograd graph to the model parameters
+    ``"crown-fast"``, ``CrownIbpOptions`` for ``"crown-ibp"``). ``differentiable=True`` keeps the autograd graph to the model parameters
     (for certified training). ``chunk`` samples are processed at a time (default: sized to bound
     memory).
     """
@@ -211,6 +211,7 @@ def _propagate(
     if method == "crown-fast":
         rows = max(rows, 2 * classes + (options or FastOptions()).rows)
     step = chunk or (len(X) if method == "ibp" else chunk_size(len(X), rows, net))
+    stop = logit_stop(net, method, options)
     lows, ups = [], []
     cache: dict = {}  # sample-independent back-substituted rows, shared by the chunks
     with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
@@ -219,7 +220,6 @@ def _propagate(
             boxes = forward_bounds(net, xs, pert, method, options, cache=cache)
             out = boxes[-1]
             if method != "ibp":
-                stop = fast_stop(net) if method == "crown-fast" else 0
                 low = backsubstitute(
                     net, len(net) - 1, identity_spec(net[-1].out_shape, xs), boxes, pert, stop
                 )
@@ -239,7 +239,7 @@ def _builtin(method: str) -> BoundMethod:
     return fn
 
 
-for _name, _kind in zip(METHODS, (None, None, FastOptions, CrownOptions), strict=True):
+for _name, _kind in zip(METHODS, (None, CrownIbpOptions, FastOptions, CrownOptions), strict=True):
     register_method(_name, _builtin(_name), options=_kind)
 
 
@@ -280,7 +280,7 @@ def margin_bounds(
         raise ValueError("margin bounds need a flat logit layer [N, classes]")
     y = check_labels(y, len(X), classes)
     step = chunk or chunk_size(len(X), 3 * classes, net)
-    stop = 0 if method != "ibp" else last_affine_input(net)
+    stop = 0 if method in ("crown-fast", "crown") else logit_stop(net, method, options)
     out = []
     with torch.no_grad():
         for start in range(0, len(X), step):

@@ -157,7 +157,8 @@ class Certificate:
 @dataclass
 class Certifier:
     """Bounds boxes on ``X`` [N, *in_shape] with labels ``y`` [N] by ``method`` in ``dtype``
-    (``"float64"`` or ``"float32"``); picklable."""
+    (``"float64"`` or ``"float32"``); picklable. ``stop`` (``"crown-ibp"`` only): the logits are
+    back-substituted to the input of that affine layer (``bounds.CrownIbpOptions``)."""
 
     X: Tensor
     y: Tensor
@@ -165,6 +166,7 @@ class Certifier:
     kind: Literal["discrepancy", "accuracy"] = "discrepancy"
     margin: float = 0.0
     dtype: Literal["float64", "float32"] = "float64"
+    stop: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in CERTIFIED_KINDS:
@@ -176,13 +178,21 @@ class Certifier:
             )
         if self.dtype not in ("float64", "float32"):
             raise CertifyError(f"dtype must be 'float64' or 'float32', got {self.dtype!r}")
+        if self.stop and self.method != "crown-ibp":
+            raise CertifyError(
+                f"stop={self.stop} applies to method 'crown-ibp' only, got {self.method!r}"
+            )
+
+    @property
+    def options(self) -> bounds.CrownIbpOptions | None:
+        return bounds.CrownIbpOptions(self.stop) if self.stop else None
 
     def __call__(self, model: nn.Sequential, box: LayerPerturbation) -> Certificate:
         t0 = time.perf_counter()
         dtype = getattr(torch, self.dtype)
         if self.kind == "discrepancy":
             dis = bounds.worst_case_discrepancy(
-                model, self.X, self.y, box, self.method, dtype=dtype
+                model, self.X, self.y, box, self.method, options=self.options, dtype=dtype
             )
             finite = dis.lower.isfinite().all(1) & dis.upper.isfinite().all(1) & dis.d.isfinite()
             # Vacuous: the bound allows the true-class probability to reach both 0 and 1.
@@ -192,7 +202,9 @@ class Certifier:
             value = d.mean().item() if useful.any() else 1.0
             status = "certified" if useful.any() else "uncertifiable"
             return Certificate(value, status, value, math.nan, time.perf_counter() - t0)
-        low = bounds.margin_bounds(model, self.X, self.y, box, self.method, dtype=dtype)
+        low = bounds.margin_bounds(
+            model, self.X, self.y, box, self.method, options=self.options, dtype=dtype
+        )
         verified = torch.nan_to_num(low, nan=-math.inf).gt(self.margin).all(1)
         acc = verified.double().mean().item()
         status = "certified" if verified.any() else "uncertifiable"

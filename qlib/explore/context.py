@@ -237,7 +237,13 @@ def certifier(w: Workload, model: nn.Sequential, input_amax: dict[str, float]):
     except certify.CertifyError as e:
         raise certify.CertifyError(f"{where}: {e}") from None
     return certify.Certifier(
-        X[: spec.samples], y[: spec.samples], spec.method, spec.kind, spec.margin, spec.dtype
+        X[: spec.samples],
+        y[: spec.samples],
+        spec.method,
+        spec.kind,
+        spec.margin,
+        spec.dtype,
+        spec.stop,
     )
 
 

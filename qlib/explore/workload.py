@@ -183,7 +183,10 @@ class CertifiedSpec(_Strict):
     probability, minimised) or ``accuracy`` (the certified accuracy, logit margins above
     ``margin``, maximised); over ``data`` (default: the first ``samples`` exploration images),
     bounded with ``method`` (a name of ``qlib.bounds.available_methods()``) in ``dtype``
-    (float32 bounds are as rigorous, about twice as fast and slightly looser).
+    (float32 bounds are as rigorous, about twice as fast and slightly looser). ``stop``
+    (``crown-ibp`` only): the logits are back-substituted to the input of that affine layer,
+    whose IBP interval finishes the bound; 1 skips the widest, first layer
+    (``qlib.bounds.CrownIbpOptions``).
     """
 
     kind: Literal["discrepancy", "accuracy"] = "discrepancy"
@@ -192,6 +195,7 @@ class CertifiedSpec(_Strict):
     margin: float = Field(default=0.0, ge=0)
     data: DatasetSpec | None = None
     dtype: Literal["float64", "float32"] = "float64"
+    stop: int = 0
 
     @field_validator("method")
     @classmethod
@@ -203,6 +207,12 @@ class CertifiedSpec(_Strict):
                 f"unknown bound method {v!r}; expected one of {', '.join(bounds.available_methods())}"
             )
         return v
+
+    @model_validator(mode="after")
+    def _stop(self) -> CertifiedSpec:
+        if self.stop and self.method != "crown-ibp":
+            raise ValueError(f"stop applies to method crown-ibp only, got method {self.method!r}")
+        return self
 
 
 class ParallelSpec(_Strict):
@@ -247,6 +257,8 @@ class Workload(_Strict):
         )
         if self.certified is not None:  # absent from older digests, which stay valid
             keep["certified"] = self.certified.model_dump(mode="json")
+            if not self.certified.stop:  # added later: the default keeps older digests valid
+                del keep["certified"]["stop"]
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
