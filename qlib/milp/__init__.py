@@ -4,6 +4,9 @@ One formulation (``formulation.build``: sparse matrices from ``qlib.bounds.layer
 pre-activation boxes of ``qlib.bounds.forward_bounds``), thin backends (HiGHS by default, Gurobi),
 witnesses replayed through the ordinary forward pass, and the published bilinear formulation
 (SCIP, Gurobi NonConvex) for comparison. Exact for MLPs; for Conv2d networks a sound bound only.
+``pert`` is a uniform ``Perturbation`` or a per-layer ``LayerPerturbation`` with clips (the box of
+a mixed-precision genome, ``qlib.explore.certify.genome_box``); the bilinear model takes only the
+former.
 
 ```python
 from qlib import milp

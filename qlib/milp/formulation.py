@@ -14,6 +14,12 @@ box ``|ẑ - W h - b| <= eps_w 1^T h + eps_b``: linear in ``(ẑ, h)`` because `
 ``ĥ - a ∈ [-eps_a, eps_a]``, ``ĥ >= 0`` is linear. Projecting out the network parameters loses
 nothing, so the MILP's optimum is the true worst case.
 
+Per-layer boxes (``qlib.quant.LayerPerturbation``): every layer takes its own radii, and a clipped
+ReLU ``ĥ = max(min(relu(ẑ), c) + δ, 0)`` is encoded exactly too: ``min(a, c) = a - relu(a - c)``
+with a second binary where ``[max(l, 0), max(u, 0)]`` straddles ``c``; a clipped input is the box
+``[max(min(x, c) - eps_x, 0), min(x, c) + eps_x]``. A uniform ``LayerPerturbation`` builds the
+same program as its ``Perturbation``.
+
 For ``Conv2d`` one kernel serves every position, but the box lets each position choose its own
 ``ΔW``: a relaxation, so the optimum is a sound bound, not the exact value (``Program.exact``).
 
@@ -32,7 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from qlib import bounds
-from qlib.quant import Perturbation
+from qlib.bounds.perlayer import AnyPerturbation, clip_of, resolve
+from qlib.quant import LayerPerturbation, Perturbation
 
 __all__ = ["Program", "AffineVars", "ReluVars", "build", "WIDEN"]
 
@@ -54,7 +61,9 @@ class AffineVars:
 class ReluVars:
     """Variables of ReLU ``net[index]``: input ``z``, output ``h``; ``phase`` per neuron is +1
     (provably active), -1 (provably inactive) or 0 (unstable: ``binary`` holds its 0/1 variable,
-    else -1); ``lower``/``upper`` are the (widened) pre-activation bounds used for big-M."""
+    else -1); ``lower``/``upper`` are the (widened) pre-activation bounds used for big-M.
+    ``clip`` is the ReLU's clip (None: none) and ``clip_binary`` per neuron the 0/1 variable of
+    ``relu(a - clip)`` where the clip may or may not bind (else -1)."""
 
     index: int
     z: np.ndarray
@@ -63,6 +72,8 @@ class ReluVars:
     binary: np.ndarray
     lower: np.ndarray
     upper: np.ndarray
+    clip: float | None = None
+    clip_binary: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -87,7 +98,7 @@ class Program:
     logits: np.ndarray
     affine: tuple[AffineVars, ...]
     relus: tuple[ReluVars, ...]
-    pert: Perturbation
+    pert: AnyPerturbation
     exact: bool
     method: str
 
@@ -183,15 +194,20 @@ def _dense(layer: bounds.Affine) -> tuple[np.ndarray, np.ndarray, np.ndarray | N
 
 
 def build(
-    model: nn.Sequential, x: Tensor, pert: Perturbation, method: bounds.Method = "crown"
+    model: nn.Sequential, x: Tensor, pert: AnyPerturbation, method: bounds.Method = "crown"
 ) -> Program:
-    """The program of one input ``x`` [*in_shape] (values in [0, 1]) under ``pert``.
+    """The program of one input ``x`` [*in_shape] (values in [0, 1]) under ``pert``, a uniform
+    ``Perturbation`` or a per-layer ``LayerPerturbation``.
 
     Pre-activation bounds come from ``qlib.bounds.forward_bounds(..., method)``. Raises
-    ``ValueError`` for an unsupported layer (naming it) or an input outside [0, 1].
+    ``ValueError`` for an unsupported layer (naming it), an input outside [0, 1] or a
+    ``LayerPerturbation`` whose lists do not match the network.
     """
-    if not isinstance(pert, Perturbation):
-        raise TypeError(f"pert must be a qlib.quant.Perturbation, got {type(pert).__name__}")
+    if not isinstance(pert, Perturbation | LayerPerturbation):
+        raise TypeError(
+            "pert must be a qlib.quant.Perturbation or LayerPerturbation, "
+            f"got {type(pert).__name__}"
+        )
     if method not in bounds.METHODS:
         raise ValueError(f"method must be one of {bounds.METHODS}, got {method!r}")
     if not isinstance(x, Tensor) or x.ndim < 1:
@@ -199,6 +215,7 @@ def build(
     if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
         raise ValueError("x must be finite and in [0, 1] (a valid nominal input)")
     net = bounds.layers(model, tuple(x.shape))
+    per = resolve(net, pert).layers
     X = x.detach().to(torch.float64).unsqueeze(0)
     with torch.no_grad():
         boxes = bounds.forward_bounds(net, X, pert, method)
@@ -209,7 +226,6 @@ def build(
     affine: list[AffineVars] = []
     relus: list[ReluVars] = []
     exact = True
-    eps_w, eps_b, eps_a = pert.eps_weight, pert.eps_bias, pert.eps_act
     for i, layer in enumerate(net):
         if isinstance(layer, bounds.Flatten):
             continue
@@ -219,12 +235,12 @@ def build(
             hi = out.upper.numpy().ravel()
             z = B.vars(lo - WIDEN * (1 + np.abs(lo)), hi + WIDEN * (1 + np.abs(hi)))
             M, b, P = _dense(layer)
-            _affine_rows(B, M, b, P, h, z, eps_w, eps_b)
+            _affine_rows(B, M, b, P, h, z, per[i].eps_weight, per[i].eps_bias)
             exact &= P is None
             affine.append(AffineVars(i, h, z))
             h = z
         elif isinstance(layer, bounds.ReLU):
-            h, rv = _relu(B, i, layer, h, eps_a)
+            h, rv = _relu(B, i, layer, h, per[i].eps_act, clip_of(per[i]))
             relus.append(rv)
         else:  # pragma: no cover - bounds.layers admits no other kind
             raise ValueError(f"layer {i} ({type(layer).__name__}): unsupported by the MILP")
@@ -314,9 +330,15 @@ def _affine_rows(
 
 
 def _relu(
-    B: _Builder, index: int, layer: bounds.ReLU, z: np.ndarray, eps_a: float
+    B: _Builder,
+    index: int,
+    layer: bounds.ReLU,
+    z: np.ndarray,
+    eps_a: float,
+    clip: float | None = None,
 ) -> tuple[np.ndarray, ReluVars]:
-    """``ĥ = relu(z) + δ``, ``|δ| <= eps_a``, ``ĥ >= 0``; big-M from ``layer.pre``."""
+    """``ĥ = relu(z) + δ`` (``min(relu(z), clip) + δ`` with a clip), ``|δ| <= eps_a``, ``ĥ >= 0``;
+    big-M from ``layer.pre``."""
     if layer.pre is None:  # pragma: no cover - forward_bounds sets it
         raise RuntimeError(f"layer {index}: pre-activation bounds are not set")
     lo = layer.pre.lower.detach().numpy().ravel().astype(float)
@@ -325,56 +347,135 @@ def _relu(
     up = up + WIDEN * (1 + np.abs(up))
     n = lo.size
     phase = np.where(lo >= 0, 1, np.where(up <= 0, -1, 0))
-    h = B.vars(np.maximum(lo - eps_a, 0.0), np.maximum(up, 0.0) + eps_a)
     act = np.nonzero(phase == 1)[0]
     uns = np.nonzero(phase == 0)[0]
     binary = np.full(n, -1)
+    if clip is not None:
+        return _clipped_relu(B, index, z, lo, up, phase, eps_a, clip)
+    h = B.vars(np.maximum(lo - eps_a, 0.0), np.maximum(up, 0.0) + eps_a)
     # Active: -eps_a <= ĥ - z <= eps_a.
     if act.size:
-        k = np.arange(act.size)
-        B.rows_from(
-            np.concatenate([k, k]),
-            np.concatenate([h[act], z[act]]),
-            np.concatenate([np.ones(act.size), -np.ones(act.size)]),
-            np.full(act.size, -eps_a),
-            np.full(act.size, eps_a),
-        )
+        _within(B, h[act], z[act], eps_a)
     if uns.size:
-        m = uns.size
+        binary[uns] = d = B.vars(np.zeros(uns.size), np.ones(uns.size), integer=True)
+        # Without activation noise ĥ is relu(z) itself.
+        a = h[uns] if eps_a == 0 else B.vars(np.zeros(uns.size), up[uns])
+        _exact_relu(B, a, z[uns], lo[uns], up[uns], d)
+        if eps_a:
+            _within(B, h[uns], a, eps_a)
+    return h, ReluVars(index, z, h, phase, binary, lo, up)
+
+
+def _within(B: _Builder, h: np.ndarray, a: np.ndarray, eps: float) -> None:
+    """Rows ``-eps <= h_k - a_k <= eps``."""
+    m = h.size
+    k = np.arange(m)
+    B.rows_from(
+        np.concatenate([k, k]),
+        np.concatenate([h, a]),
+        np.concatenate([np.ones(m), -np.ones(m)]),
+        np.full(m, -eps),
+        np.full(m, eps),
+    )
+
+
+def _exact_relu(
+    B: _Builder, a: np.ndarray, z: np.ndarray, low: np.ndarray, u: np.ndarray, d: np.ndarray
+) -> None:
+    """``a = relu(z)`` exactly for ``low < 0 < u`` (``a >= 0`` is ``a``'s column bound) with the
+    binaries ``d``: ``a >= z``, ``a <= z - low (1 - d)``, ``a <= u d``."""
+    m = a.size
+    k = np.arange(m)
+    B.rows_from(
+        np.concatenate([k, k]),
+        np.concatenate([a, z]),
+        np.concatenate([np.ones(m), -np.ones(m)]),
+        np.zeros(m),
+        np.full(m, np.inf),
+    )
+    B.rows_from(
+        np.concatenate([k, k, k]),
+        np.concatenate([a, z, d]),
+        np.concatenate([np.ones(m), -np.ones(m), -low]),
+        np.full(m, -np.inf),
+        -low,
+    )
+    B.rows_from(
+        np.concatenate([k, k]),
+        np.concatenate([a, d]),
+        np.concatenate([np.ones(m), -u]),
+        np.full(m, -np.inf),
+        np.zeros(m),
+    )
+
+
+def _clipped_relu(
+    B: _Builder,
+    index: int,
+    z: np.ndarray,
+    lo: np.ndarray,
+    up: np.ndarray,
+    phase: np.ndarray,
+    eps_a: float,
+    clip: float,
+) -> tuple[np.ndarray, ReluVars]:
+    """``ĥ = max(min(relu(z), c) + δ, 0)``: ``a = relu(z)`` as above (``z`` itself where active),
+    then ``g = min(a, c) = a - r`` with ``r = relu(a - c)`` exact by a second binary where
+    ``[max(l, 0), max(u, 0)]`` straddles ``c`` (``g = a`` below it, ``g = c`` above), and
+    ``-eps_a <= ĥ - g <= eps_a`` with ``ĥ >= 0`` as a column bound."""
+    n = lo.size
+    a_lo, a_hi = np.maximum(lo, 0.0), np.maximum(up, 0.0)
+    g_lo, g_hi = np.minimum(a_lo, clip), np.minimum(a_hi, clip)
+    h = B.vars(np.maximum(g_lo - eps_a, 0.0), g_hi + eps_a)
+    binary = np.full(n, -1)
+    clip_binary = np.full(n, -1)
+    a = np.where(phase == 1, z, -1)  # the variable equal to relu(z); -1: the constant 0
+    uns = np.nonzero(phase == 0)[0]
+    if uns.size:
+        binary[uns] = d = B.vars(np.zeros(uns.size), np.ones(uns.size), integer=True)
+        a[uns] = B.vars(np.zeros(uns.size), a_hi[uns])
+        _exact_relu(B, a[uns], z[uns], lo[uns], up[uns], d)
+    # g = c (always clipped) and g = 0 (inactive) are constants: ĥ's column bounds say it all.
+    free = np.nonzero((a >= 0) & (a_hi <= clip))[0]  # never clipped: g = a
+    if free.size:
+        _within(B, h[free], a[free], eps_a)
+    cut = np.nonzero((a >= 0) & (a_lo < clip) & (a_hi > clip))[0]
+    if cut.size:
+        m = cut.size
         k = np.arange(m)
-        d = B.vars(np.zeros(m), np.ones(m), integer=True)
-        binary[uns] = d
-        # a = relu(z) exactly: a >= z, a >= 0, a <= z - l (1 - d), a <= u d. Without activation
-        # noise ĥ is a itself.
-        a = h[uns] if eps_a == 0 else B.vars(np.zeros(m), up[uns])
-        low, u = lo[uns], up[uns]
+        L, U = a_lo[cut] - clip, a_hi[cut] - clip  # L < 0 < U: relu(a - c) is unstable
+        r = B.vars(np.zeros(m), U)
+        e = B.vars(np.zeros(m), np.ones(m), integer=True)
+        clip_binary[cut] = e
+        ac = a[cut]
+        # r >= a - c, r <= a - c - L (1 - e), r <= U e
         B.rows_from(
             np.concatenate([k, k]),
-            np.concatenate([a, z[uns]]),
+            np.concatenate([r, ac]),
             np.concatenate([np.ones(m), -np.ones(m)]),
-            np.zeros(m),
+            np.full(m, -clip),
             np.full(m, np.inf),
         )
         B.rows_from(
             np.concatenate([k, k, k]),
-            np.concatenate([a, z[uns], d]),
-            np.concatenate([np.ones(m), -np.ones(m), -low]),
+            np.concatenate([r, ac, e]),
+            np.concatenate([np.ones(m), -np.ones(m), -L]),
             np.full(m, -np.inf),
-            -low,
+            -clip - L,
         )
         B.rows_from(
             np.concatenate([k, k]),
-            np.concatenate([a, d]),
-            np.concatenate([np.ones(m), -u]),
+            np.concatenate([r, e]),
+            np.concatenate([np.ones(m), -U]),
             np.full(m, -np.inf),
             np.zeros(m),
         )
-        if eps_a:
-            B.rows_from(
-                np.concatenate([k, k]),
-                np.concatenate([h[uns], a]),
-                np.concatenate([np.ones(m), -np.ones(m)]),
-                np.full(m, -eps_a),
-                np.full(m, eps_a),
-            )
-    return h, ReluVars(index, z, h, phase, binary, lo, up)
+        # -eps_a <= ĥ - a + r <= eps_a
+        B.rows_from(
+            np.concatenate([k, k, k]),
+            np.concatenate([h[cut], ac, r]),
+            np.concatenate([np.ones(m), -np.ones(m), np.ones(m)]),
+            np.full(m, -eps_a),
+            np.full(m, eps_a),
+        )
+    return h, ReluVars(index, z, h, phase, binary, lo, up, clip, clip_binary)

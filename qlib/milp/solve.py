@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from qlib import attack, bounds
 from qlib.attack import attack_margin  # re-exported: verification runs it first
+from qlib.bounds.perlayer import AnyPerturbation
 from qlib.milp.backends import make_backend
 from qlib.milp.formulation import Program, build
 from qlib.milp.witness import Witness, replay
@@ -110,11 +111,18 @@ def solver_for(
             raise ValueError(
                 f"the bilinear formulation runs on {tuple(BILINEAR_BACKENDS)}, got {solver!r}"
             )
+        if not isinstance(program.pert, Perturbation):
+            raise TypeError(
+                "the bilinear formulation is the published model of one uniform Perturbation; "
+                "a LayerPerturbation (per-layer radii, clips) needs formulation='milp'"
+            )
         return BILINEAR_BACKENDS[solver](model, program, threads=threads)
     raise ValueError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
 
 
-def _check(model: nn.Sequential, x: Tensor, pert: Perturbation, time_limit: float | None) -> None:
+def _check(
+    model: nn.Sequential, x: Tensor, pert: AnyPerturbation, time_limit: float | None
+) -> None:
     if time_limit is not None and not (time_limit > 0):
         raise ValueError(f"time_limit must be > 0 seconds or None, got {time_limit!r}")
     if not isinstance(model, nn.Sequential):
@@ -132,7 +140,7 @@ def _witness(model, program, out, c_logits, value, what, keep):
 def image_logits(
     model: nn.Sequential,
     x: Tensor,
-    pert: Perturbation,
+    pert: AnyPerturbation,
     *,
     solver: str = "highs",
     formulation: str = "milp",
@@ -179,7 +187,7 @@ def image_margin(
     model: nn.Sequential,
     x: Tensor,
     y: int,
-    pert: Perturbation,
+    pert: AnyPerturbation,
     *,
     solver: str = "highs",
     formulation: str = "milp",
@@ -202,7 +210,8 @@ def image_margin(
     t0 = time.perf_counter()
     X = x.unsqueeze(0)
     with torch.no_grad():
-        logits = attack.perturbed_forward(model, X, Perturbation())[0]
+        # The box's own nominal network (its clips applied): a member of the box.
+        logits = attack.perturbed_forward(model, X, pert)[0]
         crown = bounds.margin_bounds(model, X, torch.tensor([y]), pert, method)[0].numpy()
     n_cls = len(crown)
     if not 0 <= int(y) < n_cls:
@@ -287,7 +296,7 @@ class LogitBounds:
 def logit_bounds(
     model: nn.Sequential,
     X: Tensor,
-    pert: Perturbation,
+    pert: AnyPerturbation,
     *,
     solver: str = "highs",
     formulation: str = "milp",
@@ -378,7 +387,7 @@ def verify(
     model: nn.Sequential,
     X: Tensor,
     y: Tensor,
-    pert: Perturbation,
+    pert: AnyPerturbation,
     *,
     solver: str = "highs",
     formulation: str = "milp",

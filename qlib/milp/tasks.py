@@ -9,6 +9,7 @@ only ever holds one sweep and a rerun skips every finished image.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from qlib.bounds.perlayer import AnyPerturbation
 from qlib.milp.solve import image_logits, image_margin
-from qlib.quant import Perturbation
+from qlib.quant import LayerPerturbation
 from qlib.store import ResultStore, task_key
 from qlib.sweep import SweepReport, run
 
@@ -32,7 +34,7 @@ class Settings:
     """Everything but the image that determines a task's result."""
 
     model: str  # model_digest
-    pert: tuple[float, float, float, float]
+    pert: tuple  # the four radii of a Perturbation; ("layer", ...fields) of a LayerPerturbation
     objective: str = "logits"
     method: str = "crown"
     solver: str = "highs"
@@ -54,6 +56,13 @@ def model_digest(model: nn.Module) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.detach().to(torch.float64).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def pert_key(pert: AnyPerturbation) -> tuple:
+    """The perturbation as plain values for a settings key (a ``Perturbation``'s as before)."""
+    if isinstance(pert, LayerPerturbation):
+        return ("layer", *dataclasses.astuple(pert))
+    return pert.as_tuple()
 
 
 def experiment(settings: Settings) -> str:
@@ -89,7 +98,7 @@ def sweep(
     model: nn.Sequential,
     X: Tensor,
     y: Tensor,
-    pert: Perturbation,
+    pert: AnyPerturbation,
     store: ResultStore | str | Path,
     *,
     indices: list[int] | None = None,
@@ -114,7 +123,7 @@ def sweep(
     """
     s = Settings(
         model_digest(model),
-        pert.as_tuple(),
+        pert_key(pert),
         objective,
         method,
         solver,

@@ -5,7 +5,9 @@ float64: the input offset ``dX`` is the solver's input (clipped into its box) mi
 one; an affine layer reaches ``z`` with a weight delta constant along each row,
 ``ΔW_i = eps_w t_i 1^T`` and ``Δb_i = eps_b t_i`` (``t_i ∈ [-1, 1]``, a ``qlib.attack.RowDelta``),
 which attains every value in the exact box ``W h + b ± (eps_w 1^T h + eps_b)``; the activation
-offset is the solver's ``ĥ`` minus ``relu(z)``. Each target is clipped into what the replayed
+offset is the solver's ``ĥ`` minus ``relu(z)`` (``min(relu(z), c)`` for a ReLU clipped at ``c``;
+a clipped input's offset is taken from ``min(x, c)``; each layer has its own radii under a
+``LayerPerturbation``). Each target is clipped into what the replayed
 network can reach, so solver round-off never leaves the perturbation box. The network is then run
 through ``qlib.attack.perturbed_forward`` (the ordinary forward pass); the replayed objective
 must equal the solver's to ``TOLERANCE`` or ``WitnessMismatch`` is raised.
@@ -22,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from qlib import attack, bounds
+from qlib.bounds.perlayer import clip_of, resolve
 from qlib.milp.formulation import Program
 
 __all__ = ["Witness", "WitnessMismatch", "TOLERANCE", "rebuild", "replay"]
@@ -53,36 +56,42 @@ def rebuild(model: nn.Sequential, program: Program, values: np.ndarray) -> Witne
         )
     pert = program.pert
     net = bounds.layers(model, program.in_shape)
+    resolved = resolve(net, pert)
+    eps_x, input_clip = resolved.input.eps_input, clip_of(resolved.input)
     x0 = torch.from_numpy(program.x0)
     lo = torch.from_numpy(program.col_lo[program.input])
     hi = torch.from_numpy(program.col_hi[program.input])
     h = torch.minimum(torch.maximum(torch.from_numpy(values[program.input]), lo), hi)
-    dX = torch.clamp(h - x0, -pert.eps_input, pert.eps_input)
-    h = torch.clamp(x0 + dX, 0.0, 1.0)
+    start = x0 if input_clip is None else torch.clamp(x0, max=input_clip)
+    dX = torch.clamp(h - start, -eps_x, eps_x)
+    h = torch.clamp(start + dX, 0.0, 1.0 if input_clip is None else None)
     dW, db, dA = [], [], []
     affine = {a.index: a for a in program.affine}
     relus = {r.index: r for r in program.relus}
     for i, layer in enumerate(net):
+        p = resolved.layers[i]
         if isinstance(layer, bounds.Affine):
             W = layer.module.weight.detach().to(torch.float64)
             b = layer.bias(W).detach()
             nominal = W @ h + b
-            radius = pert.eps_weight * h.sum() + pert.eps_bias
+            radius = p.eps_weight * h.sum() + p.eps_bias
             target = torch.from_numpy(values[affine[i].z])
             if float(radius) > 0:
                 t = torch.clamp((target - nominal) / radius, -1.0, 1.0)
             else:
                 t = torch.zeros_like(nominal)
-            dW.append(attack.RowDelta(t.unsqueeze(0), pert.eps_weight) if pert.eps_weight else None)
-            db.append((pert.eps_bias * t).unsqueeze(0) if pert.eps_bias else None)
-            h = nominal + pert.eps_weight * t * h.sum() + pert.eps_bias * t
+            dW.append(attack.RowDelta(t.unsqueeze(0), p.eps_weight) if p.eps_weight else None)
+            db.append((p.eps_bias * t).unsqueeze(0) if p.eps_bias else None)
+            h = nominal + p.eps_weight * t * h.sum() + p.eps_bias * t
         elif isinstance(layer, bounds.ReLU):
             r = torch.relu(h)
+            if clip_of(p) is not None:
+                r = torch.clamp(r, max=clip_of(p))
             target = torch.from_numpy(values[relus[i].h])
-            d = torch.clamp(target - r, -pert.eps_act, pert.eps_act)
+            d = torch.clamp(target - r, -p.eps_act, p.eps_act)
             d = torch.maximum(d, -r)  # ĥ >= 0
-            dA.append(d.unsqueeze(0) if pert.eps_act else None)
-            h = r + d if pert.eps_act else r
+            dA.append(d.unsqueeze(0) if p.eps_act else None)
+            h = r + d if p.eps_act else r
     with torch.no_grad():
         logits = attack.perturbed_forward(
             model,
@@ -91,7 +100,7 @@ def rebuild(model: nn.Sequential, program: Program, values: np.ndarray) -> Witne
             dW=dW,
             db=db,
             dA=dA,
-            dX=dX.reshape(1, *program.in_shape) if pert.eps_input else None,
+            dX=dX.reshape(1, *program.in_shape) if eps_x else None,
         )[0]
     return Witness(dX.reshape(program.in_shape), dW, db, dA, logits)
 
