@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from qlib import bounds, models, zoo
+from qlib import bounds, milp, models, zoo
 from qlib.explore import certify, context, fakequant, run
 from qlib.explore import workload as wl
 from qlib.explore.store import Store
@@ -75,6 +75,20 @@ def test_genome_box_contains_the_fake_quantised_logits(prepared):
     assert (upper - lower).max() < 0.05
     stop1 = certify.Certifier(ev.certifier.X, ev.certifier.y, "crown-ibp", stop=1)
     assert 0 <= stop1(ev.float_model, box).value < 0.01
+
+
+def test_milp_bounds_a_genome_box(prepared):
+    """The exact MILP takes a genome's box (clips included): its bounds contain the real
+    fake-quantised logits and lie within CROWN's."""
+    ev = prepared.evaluator
+    box = ev.box([10, 12, 9, 11, 12, 10])
+    x = ev.X[:2]
+    res = milp.logit_bounds(ev.float_model, x, box, time_limit=20)
+    with torch.no_grad(), ev.net.frozen_weights():
+        z = ev.net.model(x).double()
+    assert bool(((res.lower <= z) & (z <= res.upper)).all())
+    lo, hi = bounds.logit_bounds(ev.float_model, x, box, "crown")
+    assert (res.lower >= lo - 1e-6).all() and (res.upper <= hi + 1e-6).all()
 
 
 def test_cnn_genome_box_contains_the_fake_quantised_logits():
