@@ -70,15 +70,16 @@ class Affine(Layer):
         eps_b = rounding.ceil(pert.eps_bias, lo.dtype)
         b = self.bias_map(lo)
         Wu, Wl = (rounding.up(W + eps_w), rounding.down(W - eps_w)) if eps_w else (W, W)
-        upper = self.apply(hi, Wu.clamp(min=0)) + self.apply(lo, Wu.clamp(max=0)) + b
-        lower = self.apply(lo, Wl.clamp(min=0)) + self.apply(hi, Wl.clamp(max=0)) + b
+        top, bottom = self.apply(hi, Wu.clamp(min=0)), self.apply(hi, Wl.clamp(max=0))
+        upper = top + self.apply(lo, Wu.clamp(max=0)) + b
+        lower = self.apply(lo, Wl.clamp(min=0)) + bottom + b
         if eps_b:
             upper, lower = upper + eps_b, lower - eps_b
         if rounding.enabled():
-            # 2 fan_in + 2 terms per output; |Wu|, |Wl| <= |W| + eps_w and 0 <= l <= u.
-            m = rounding.margin(
-                self.apply(hi, W.abs() + eps_w) + b.abs() + eps_b, 2 * self.fan_in + 2
-            )
+            # 2 fan_in + 2 terms per output. Since Wl <= Wu and 0 <= l <= u, every term of either
+            # sum is at most Wu⁺ u or |Wl⁻| u of its input, so Wu⁺ u - Wl⁻ u (two products
+            # already made) bounds both sums of absolute values: no fifth product.
+            m = rounding.margin(top - bottom + b.abs() + eps_b, 2 * self.fan_in + 2)
             upper, lower = rounding.up(upper + m), rounding.down(lower - m)
         return Interval(lower, upper)
 
@@ -98,7 +99,7 @@ class Affine(Layer):
         const = self.bias_dot(flat)
         if eps_b:
             if l1 is None:
-                l1 = torch.linalg.vector_norm(flat.flatten(1), 1, dim=1)
+                l1 = flat.flatten(1).abs().sum(1)
             const = const - eps_b * l1
         return LinearBound(
             A_in.reshape(*lead, *self.in_shape),
@@ -175,7 +176,8 @@ class Linear(Affine):
         self, A_in: Tensor, flat: Tensor, eps: float
     ) -> tuple[Tensor, Tensor | None]:
         # Every input gets the same term eps ||c||_1: one norm, one in-place subtraction.
-        l1 = torch.linalg.vector_norm(flat, 1, dim=-1)
+        # abs().sum() rather than vector_norm(ord=1): several times faster on the CPU.
+        l1 = flat.abs().sum(-1)
         if A_in.requires_grad or l1.requires_grad:
             return A_in - eps * l1.unsqueeze(-1), l1
         return A_in.sub_(eps * l1.unsqueeze(-1)), l1

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from qlib.bounds import rounding
+from qlib.bounds.base import rowdot
 from qlib.bounds.layers import Affine, Clipped, Flatten, Layer, ReLU, clip_of, floor
 from qlib.bounds.perlayer import AnyPerturbation, Resolved, resolve
 from qlib.bounds.values import Interval, LinearBound
@@ -162,16 +163,13 @@ def backsubstitute(
         low = lo @ A2.T + width @ torch.clamp(A2, max=0.0).T
     else:
         A2 = A.reshape(n, A.shape[1], -1)
-        low = torch.bmm(A2, lo.unsqueeze(2)) + torch.bmm(
-            torch.clamp(A2, max=0.0), width.unsqueeze(2)
-        )
-        low = low.squeeze(2)
+        low = rowdot(A2, lo) + rowdot(torch.clamp(A2, max=0.0), width)
     low = low + bound.const
     if not rounding.enabled():
         return low
     # The layer input is non-negative, so |A| l + |A⁻| (u - l) <= |A| u.
     hi = box.upper.reshape(n, -1)
-    abs_value = hi @ A2.abs().T if shared else torch.bmm(A2.abs(), hi.unsqueeze(2)).squeeze(2)
+    abs_value = rowdot(A2.abs(), hi)
     slack = rounding.margin(abs_value + bound.const.abs(), A2.shape[-1] + 2)
     if bound.slack is not None:
         slack = rounding.up(slack + bound.slack)

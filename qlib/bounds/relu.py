@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from qlib.bounds import rounding
-from qlib.bounds.base import Layer, abs_dot, clip_of, floor, step_slack
+from qlib.bounds.base import Layer, abs_dot, clip_of, floor, rowdot, step_slack
 from qlib.bounds.values import Interval, LinearBound
 from qlib.quant import Perturbation
 
@@ -78,13 +78,10 @@ class ReLU(Layer):
         # A_in = A⁺ al + A⁻ au = A al + A⁻ (au - al), written so that the sums become matmuls.
         neg = torch.clamp(A, max=0.0)
         A_in = torch.addcmul(A * al, neg, au - al)
-        k = bl[0, 0].numel()
-        flat_b = bl.reshape(-1, k, 1)  # [N, k, 1]
-        const = torch.matmul(A.reshape(*A.shape[: A.ndim - len(self.in_shape)], k), flat_b)
-        const = const + torch.matmul(
-            neg.reshape(*neg.shape[: neg.ndim - len(self.in_shape)], k),
-            (bu - bl).reshape(-1, k, 1),
-        )
+        k, n = bl[0, 0].numel(), len(bl)
+        lead = A.shape[: A.ndim - len(self.in_shape)]  # [S] (shared rows) or [N, S]
+        const = rowdot(A.reshape(*lead, k), bl.reshape(n, k))
+        const = const + rowdot(neg.reshape(*lead, k), (bu - bl).reshape(n, k))
         slack = bound.slack
         if rounding.enabled():
             # Entry errors of A_in are within |A| (2|al| + |au|) and act on |ẑ| <= max(|l|, |u|);
@@ -93,7 +90,7 @@ class ReLU(Layer):
             z = torch.maximum(self.pre.lower.abs(), self.pre.upper.abs())
             v = (2 * al0.abs() + au0.abs()) * z + 2 * bl0.abs() + bu0.abs()
             slack = step_slack(bound, abs_dot(A, v), k + 4)
-        return LinearBound(A_in, bound.const + const.squeeze(-1), slack)
+        return LinearBound(A_in, bound.const + const, slack)
 
     def perturbed(self, h: Tensor, dA: Tensor | None = None, clip: float | None = None) -> Tensor:
         """``min(relu(h), clip) + dA``, clamped at 0: the nominal output is there, so clamping
