@@ -85,8 +85,8 @@ class CrownIbpOptions:
     """Options of ``"crown-ibp"``: the logits are back-substituted to the input of affine layer
     ``stop`` (negative: counted from the end), whose IBP interval finishes the bound. 0 goes to
     the network input; 1 skips the first layer, the widest for an MLP on images: on the genome
-    boxes of the Fashion-MNIST MLP it takes about half the time for about 1 % more width
-    (``benchmarks/bench_certified.py``)."""
+    boxes of the Fashion-MNIST MLP it takes a fraction of the time for slightly wider bounds
+    (``benchmarks/bench_certified.py`` measures both)."""
 
     stop: int = 0
 
