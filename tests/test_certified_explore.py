@@ -143,6 +143,29 @@ def test_vacuous_box_is_uncertifiable_not_an_error(prepared):
     assert loose.status == "certified" and good.value - 1e-12 <= loose.value < 0.01
 
 
+def test_certifier_reuses_the_nominal_logits_until_the_weights_change(prepared):
+    """The float logits do not depend on the genome: computed once, identical to a fresh
+    computation, recomputed when a weight changes, and never pickled."""
+    import copy
+    import pickle
+
+    ev = prepared.evaluator
+    cert = certify.Certifier(ev.certifier.X, ev.certifier.y, "ibp")
+    model = copy.deepcopy(ev.float_model)
+    first = cert.nominal(model)
+    assert cert.nominal(model) is first
+    assert torch.equal(first, bounds.float_logits(model, cert.X))
+    box = ev.box([10] * 6)
+    fresh = bounds.worst_case_discrepancy(model, cert.X, cert.y, box, "ibp").d.mean().item()
+    assert cert(model, box).value == pytest.approx(fresh, abs=1e-15)
+    with torch.no_grad():
+        model[1].bias.add_(0.5)
+    assert not torch.equal(cert.nominal(model), first)
+    assert pickle.loads(pickle.dumps(cert))._nominal is None
+    with pytest.raises(ValueError, match=r"logits must have shape \(32, 10\)"):
+        bounds.worst_case_discrepancy(model, cert.X, cert.y, box, logits=first[:, :3])
+
+
 def test_errors_name_the_layer_key_or_method(prepared, workload):
     ev = prepared.evaluator
     with pytest.raises(certify.CertifyError, match="layers: conv"):

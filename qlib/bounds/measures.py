@@ -54,15 +54,22 @@ def worst_case_discrepancy(
     *,
     options: Options | None = None,
     dtype: torch.dtype = torch.float64,
+    logits: Tensor | None = None,
 ) -> Discrepancy:
     """Bound the published discrepancy for every sample of ``X`` [N, ...] with labels ``y`` [N]
     by the logit bounds of ``method`` (any name of ``available_methods()``), computed in
-    ``dtype`` (see ``logit_bounds``)."""
+    ``dtype`` (see ``logit_bounds``). ``logits``: ``float_logits(model, X)`` when the caller
+    already has them (they do not depend on ``pert``)."""
     lower, upper = logit_bounds(model, X, pert, method, options=options, dtype=dtype)
     lower, upper = lower.double(), upper.double()
     y = check_labels(y, len(X), lower.shape[1])
-    with torch.no_grad():
-        f = float_logits(model, X)
+    if logits is None:
+        with torch.no_grad():
+            f = float_logits(model, X)
+    elif logits.shape != lower.shape:
+        raise ValueError(f"logits must have shape {tuple(lower.shape)}, got {tuple(logits.shape)}")
+    else:
+        f = logits.double()
     hot = F.one_hot(y, lower.shape[1]).bool()
     p0 = torch.softmax(f, 1).gather(1, y[:, None]).squeeze(1)
     p_best = torch.softmax(torch.where(hot, upper, lower), 1).gather(1, y[:, None]).squeeze(1)
