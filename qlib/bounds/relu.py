@@ -117,60 +117,55 @@ def clip_relaxation(
     """
     dtype = lo.dtype
     c_hi, c_lo = rounding.ceil(clip, dtype), floor(clip, dtype)
-    zero = torch.zeros_like(lo)
+    width = torch.where(up > lo, up - lo, 1.0)
+    lo_pos = lo >= 0
 
-    def at(points: list[Tensor]) -> list[Tensor]:
-        return [torch.minimum(torch.maximum(p, lo), up) for p in points]
-
-    # Upper: Gu is 0 + eps up to 0, the identity + eps to c, then c + eps.
+    # Upper: Gu is 0 + eps up to 0, the identity + eps to c, then c + eps. Scalars stand for the
+    # constant tensors: every operation here is one pass over a small tensor, and their count,
+    # not their size, is what costs.
+    steep = (c_hi - lo) > (up - c_hi)  # the tangent through (lo, .) and (c, c) beats the flat one
+    chord = torch.where(lo_pos, 1.0, up / width)
+    # A Python number over a tensor is computed as a reciprocal and a product: tensors over
+    # tensors keep the slopes bit for bit those of the plain formulas.
     c = torch.full_like(lo, c_hi)
-    one = torch.ones_like(lo)
-    chord = up / torch.where(up > lo, up - lo, one)
-    through_c = c / torch.where(c > lo, c - lo, one)  # tangent through (c, c) and (lo, 0)
-    au = torch.where(
-        (up <= 0) | (lo >= c),
-        zero,
-        torch.where(
-            lo >= 0,
-            torch.where(up <= c, one, (c - lo > up - c).to(dtype)),
-            torch.where(up <= c, chord, torch.where(c - lo > up - c, through_c, zero)),
-        ),
-    )
-    bu = None
-    for p in at([lo, up, zero, c]):
-        g = torch.clamp(torch.relu(p), max=c_hi)
-        g = rounding.up(g + eps) if eps else g
-        value = g - au * p
-        m = rounding.margin(g.abs() + (au * p).abs(), 3) if rounding.enabled() else 0.0
-        value = rounding.up(value + m) if rounding.enabled() else value
-        bu = value if bu is None else torch.maximum(bu, value)
+    through_c = torch.where(lo_pos, 1.0, c / torch.where(c_hi > lo, c_hi - lo, 1.0))
+    au = torch.where(up <= c_hi, chord, torch.where(steep, through_c, 0.0))
+    au = torch.where((up <= 0) | (lo >= c_hi), 0.0, au)
+    p = _at(lo, up, (0.0, c_hi))
+    g = torch.clamp(torch.relu(p), max=c_hi)
+    g = rounding.up(g + eps) if eps else g
+    ap = au * p
+    value = g - ap
+    if rounding.enabled():
+        value = rounding.up(value + rounding.margin(g.abs() + ap.abs(), 3))
+    bu = value.amax(0)
     # Lower: Gl is 0 up to e = eps, the identity - eps to c, then c - eps (0 if c <= eps).
-    e = torch.full_like(lo, eps)
-    c = torch.full_like(lo, c_lo)
     if c_lo > eps:
-        bend = (c - lo) / torch.where(
-            up > lo, up - lo, one
-        )  # chord from (lo, lo - e) to (up, c - e)
-        from_e = (c - e) / torch.where(up > e, up - e, one)  # through (e, 0) and (up, c - e)
+        # The chord from (lo, lo - e) to (up, c - e), and the line through (e, 0) and (up, c - e).
+        bend = (c_lo - lo) / width
+        from_e = (torch.full_like(lo, c_lo) - eps) / torch.where(up > eps, up - eps, 1.0)
+        flat = (up - eps) > (eps - lo)
         al = torch.where(
-            (up <= e) | (lo >= c),
-            zero,
-            torch.where(
-                lo >= e,
-                torch.where(up <= c, one, bend),
-                torch.where(
-                    up <= c, (up - e > e - lo).to(dtype), torch.where(up - e > e - lo, from_e, zero)
-                ),
-            ),
+            lo >= eps,
+            torch.where(up <= c_lo, 1.0, bend),
+            torch.where(up <= c_lo, flat.to(dtype), torch.where(flat, from_e, 0.0)),
         )
+        al = torch.where((up <= eps) | (lo >= c_lo), 0.0, al)
     else:
-        al = zero
-    bl = None
-    for p in at([lo, up, e, c]):
-        g = torch.clamp(torch.relu(p), max=c_lo)
-        g = torch.clamp(rounding.down(g - eps), min=0.0) if eps else g
-        value = g - al * p
-        m = rounding.margin(g.abs() + (al * p).abs(), 3) if rounding.enabled() else 0.0
-        value = rounding.down(value - m) if rounding.enabled() else value
-        bl = value if bl is None else torch.minimum(bl, value)
+        al = torch.zeros_like(lo)
+    p = _at(lo, up, (eps, c_lo))
+    g = torch.clamp(torch.relu(p), max=c_lo)
+    g = torch.clamp(rounding.down(g - eps), min=0.0) if eps else g
+    ap = al * p
+    value = g - ap
+    if rounding.enabled():
+        value = rounding.down(value - rounding.margin(g.abs() + ap.abs(), 3))
+    bl = value.amin(0)
     return al, bl, au, bu
+
+
+def _at(lo: Tensor, up: Tensor, kinks: tuple[float, float]) -> Tensor:
+    """The candidate points ``lo``, ``up`` and the two kinks clamped into ``[lo, up]``, stacked
+    ``[4, N, *shape]``: one operation each for all of them."""
+    inner = torch.stack([torch.full_like(lo, k) for k in kinks])
+    return torch.cat([lo[None], up[None], torch.minimum(torch.maximum(inner, lo), up)])
