@@ -83,6 +83,7 @@ def certified_cost(workload: Path, n: int) -> dict:
         "float64, to the input": dataclasses.replace(cert, dtype="float64", stop=0),
         "float32, to the input": dataclasses.replace(cert, dtype="float32", stop=0),
         "float64, stop 1": dataclasses.replace(cert, dtype="float64", stop=1),
+        "float32, stop 2": dataclasses.replace(cert, dtype="float32", stop=2),
         "ibp float64": dataclasses.replace(cert, method="ibp", dtype="float64", stop=0),
     }
     acc_s: list[float] = []
