@@ -55,8 +55,8 @@ Modules: ``values`` (``Interval``, ``LinearBound``), ``base``, ``affine`` and ``
 per-layer objects with their IBP, back-substitution and concrete perturbed rules), ``layers``
 (``layers(model, in_shape)``), ``propagation``
 (``forward_bounds``, ``backsubstitute``, ``unstable``), ``methods`` (``logit_bounds``,
-``margin_bounds`` and the registry of methods by name), ``measures`` (``worst_case_discrepancy``,
-``verified_accuracy``).
+``margin_bounds``, ``bound_coefficients`` and the registry of methods by name), ``measures``
+(``worst_case_discrepancy``, ``verified_accuracy``).
 """
 
 from qlib.bounds.layers import (
@@ -84,6 +84,7 @@ from qlib.bounds.methods import (
     LogitBounds,
     Method,
     available_methods,
+    bound_coefficients,
     logit_bounds,
     margin_bounds,
     register_method,
@@ -123,6 +124,7 @@ __all__ = [
     "Verification",
     "available_methods",
     "backsubstitute",
+    "bound_coefficients",
     "clip_of",
     "float_logits",
     "forward_bounds",

@@ -44,6 +44,7 @@ __all__ = [
     "LogitBounds",
     "Method",
     "available_methods",
+    "bound_coefficients",
     "check_labels",
     "logit_bounds",
     "margin_bounds",
@@ -299,6 +300,53 @@ def margin_bounds(
             margin = torch.maximum(low[:, :classes], naive)
             out.append(margin.masked_fill(F.one_hot(ys, classes).bool(), float("inf")))
     return torch.cat(out)
+
+
+def bound_coefficients(
+    model: nn.Module,
+    X: Tensor,
+    pert: AnyPerturbation,
+    rows: Tensor,
+    method: Method | str = "crown",
+    *,
+    options: Options | None = None,
+) -> list[Tensor]:
+    """The coefficients of the linear lower bound on ``rows · logits`` (``rows`` [S, C]) that
+    the linear ``method`` back-substitutes to the network input, layer by layer: entry ``i`` is
+    the coefficient ``[N, S, *in_shape]`` of the input of layer ``i`` of ``layers(model, ...)``,
+    the last entry that of the logits (``rows`` per sample).
+
+    Their signs name the vertex of every box that minimises the relaxation (each delta against
+    its coefficient), which is where an attack starts looking (``qlib.attack``). A guide, not a
+    bound: computed in float64 without rounding margins.
+    """
+    if method not in ("crown-ibp", "crown-fast", "crown"):
+        raise ValueError(
+            f"method must be a linear method (crown-ibp, crown-fast, crown), got {method!r}"
+        )
+    _check_method(method, options)
+    _check_inputs(model, X, pert)
+    net = layers(model, X.shape[1:])
+    pert = resolve(net, pert)
+    classes = numel(net[-1].out_shape)
+    if not isinstance(rows, Tensor) or rows.ndim != 2 or rows.shape[1] != classes:
+        raise ValueError(
+            f"rows must be a tensor [S, {classes}], got {tuple(getattr(rows, 'shape', ()))}"
+        )
+    xs = X.to(torch.float64)
+    n = len(xs)
+    with torch.no_grad(), rounding.outward(False):
+        forward_bounds(net, xs, pert, method, options)
+        bound = LinearBound(rows.to(torch.float64), torch.zeros(len(rows), dtype=torch.float64))
+        coefficients = [bound.A]
+        for i in range(len(net) - 1, -1, -1):
+            bound = net[i].backward(bound, pert.layers[i])
+            coefficients.append(bound.A)
+    shapes = [layer.in_shape for layer in net] + [net[-1].out_shape]
+    out = []
+    for A, shape in zip(reversed(coefficients), shapes, strict=True):
+        out.append(A.expand(n, *A.shape) if A.ndim == 1 + len(shape) else A)
+    return out
 
 
 def check_labels(y: Tensor, n: int, classes: int) -> Tensor:
