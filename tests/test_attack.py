@@ -120,3 +120,38 @@ def test_attacked_discrepancy_is_below_the_certified_one(net):
         assert (found.d <= bound.d + 1e-9).all()
         assert (found.logit_gap <= bound.logit_gap + 1e-9).all()
     assert found.worst > 0 and found.worst == pytest.approx(found.d.max().item())
+
+
+def test_bound_coefficients_follow_the_layers(net):
+    X = torch.rand(3, 1, 5, 5)
+    pert = Perturbation.uniform(0.01)
+    rows = torch.eye(3, dtype=torch.float64)[[0, 2]]
+    coeff = bounds.bound_coefficients(net, X, pert, rows, "crown-ibp")
+    layers = bounds.layers(net, X.shape[1:])
+    assert [tuple(c.shape) for c in coeff] == [
+        (3, 2, *shape) for shape in [layer.in_shape for layer in layers] + [(3,)]
+    ]
+    assert torch.equal(coeff[-1], rows.expand(3, 2, 3))
+    with pytest.raises(ValueError, match="linear method"):
+        bounds.bound_coefficients(net, X, pert, rows, "ibp")
+    with pytest.raises(ValueError, match=r"rows must be a tensor \[S, 3\]"):
+        bounds.bound_coefficients(net, X, pert, torch.ones(2, 4), "crown")
+
+
+@pytest.mark.parametrize("method", ["crown-ibp", "crown"])
+def test_guided_attack_adds_networks_inside_the_bounds(net, method):
+    """The vertices a relaxation names are real networks (in every box, inside the sound
+    bounds), and the guided run only adds to what the plain attack visits."""
+    X = torch.rand(5, 1, 5, 5, generator=torch.Generator().manual_seed(2))
+    pert = Perturbation.for_bits(6)
+    rows = torch.eye(3, dtype=torch.float64)
+    lower, upper = bounds.logit_bounds(net, X, pert, "crown")
+    for v in attack.guided_vertices(net, X, pert, rows, method):
+        z = attack.perturbed_forward(net, X, pert, **vars(v))  # raises if a delta leaves its box
+        assert (lower <= z + 1e-9).all() and (z <= upper + 1e-9).all()
+        assert all(d is not None for d in v.dW + v.db + v.dA) and v.dX is not None
+        assert z.shape == (5, 3)
+    lo, hi = attack.attack_logits(net, X, pert, steps=4, seed=3)
+    lo_g, hi_g = attack.attack_logits(net, X, pert, steps=4, seed=3, guided=method)
+    assert (lo_g <= lo).all() and (hi_g >= hi).all() and (hi_g - lo_g).sum() > (hi - lo).sum()
+    assert (lower <= lo_g + 1e-9).all() and (hi_g <= upper + 1e-9).all()
