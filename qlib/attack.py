@@ -261,8 +261,8 @@ def attack_logits(
 
     ``guided``: a linear bound method (``"crown"``, ``"crown-ibp"``, ``"crown-fast"``) whose
     relaxation of each objective names a vertex (``guided_vertices``) from which one more PGD run
-    starts. On the MNIST 4x256 MLP at eps = 1/1023, ``"crown"`` widened the ranges by about 2 %
-    over the nominal start, for one CROWN pass."""
+    starts. On the MNIST 4x256 MLP at eps = 1/1023, ``"crown"`` widened the ranges by about 1.5 %
+    over the nominal start alone, for one CROWN pass."""
     with torch.no_grad():
         f = perturbed_forward(model, X, pert)
     lo, hi = f.clone(), f.clone()
@@ -293,8 +293,7 @@ def guided_vertices(
     network's: a start for a search, often better than the nominal network."""
     coeff = bounds.bound_coefficients(model, X, pert, rows, method)
     net = bounds.layers(model, X.shape[1:])
-    n_affine = sum(isinstance(layer, bounds.Affine) for layer in net)
-    r = _radii(pert, n_affine, sum(isinstance(layer, bounds.ReLU) for layer in net))
+    r = _net_radii(model, X, pert)
     n = len(X)
     out = []
     for s in range(len(rows)):

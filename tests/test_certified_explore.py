@@ -3,6 +3,8 @@ certified objective (budget: ~25 s, most of it training and calibrating digits-m
 
 from __future__ import annotations
 
+import copy
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -146,9 +148,6 @@ def test_vacuous_box_is_uncertifiable_not_an_error(prepared):
 def test_certifier_reuses_the_nominal_logits_until_the_weights_change(prepared):
     """The float logits do not depend on the genome: computed once, identical to a fresh
     computation, recomputed when a weight changes, and never pickled."""
-    import copy
-    import pickle
-
     ev = prepared.evaluator
     cert = certify.Certifier(ev.certifier.X, ev.certifier.y, "ibp")
     model = copy.deepcopy(ev.float_model)
