@@ -80,7 +80,11 @@ def test_brute_force_enumeration(seed: int, eps: float):
     pert = Perturbation(eps, eps, eps / 2, eps)
     y = torch.zeros(2, dtype=torch.long)
     results = {
-        m: (*bounds.logit_bounds(net, X, pert, m), bounds.margin_bounds(net, X, y, pert, m))
+        m: (
+            *bounds.logit_bounds(net, X, pert, m),
+            bounds.margin_bounds(net, X, y, pert, m),
+            bounds.margin_interval(net, X, y, pert, m),
+        )
         for m in METHODS
     }
     for i in range(len(X)):
@@ -97,9 +101,10 @@ def test_brute_force_enumeration(seed: int, eps: float):
             dX=dense.dX * scale,
         )
         z = torch.cat([z, z2])
-        for method, (lower, upper, margin) in results.items():
+        for method, (lower, upper, margin, both) in results.items():
             assert inside(lower[i], z, upper[i]), method
             assert (z[:, 0] - z[:, 1] >= margin[i, 1] - TOL).all(), method
+            assert inside(both.lower[i, 1], z[:, 0] - z[:, 1], both.upper[i, 1]), method
 
 
 def test_single_layer_linear_bounds_are_exact():
@@ -322,6 +327,40 @@ def test_margin_bounds_tighter_than_logit_difference():
         naive = lower.gather(1, y[:, None]) - upper
         other = ~torch.nn.functional.one_hot(y, 4).bool()
         assert (margin[other] >= naive[other] - TOL).all()
+
+
+def test_margin_interval_and_probability_bounds_contain_attacked_networks():
+    """Both ends of every margin, and the true-class probability, hold for perturbed networks;
+    each end is never looser than the logit interval's, and the margins beat the difference of
+    the linear methods' logit intervals on average."""
+    net = small_net("mlp", 5, 7)
+    X = torch.rand(10, 1, 5, 5, generator=torch.Generator().manual_seed(7))
+    y = torch.randint(0, 4, (10,), generator=torch.Generator().manual_seed(8))
+    pert = Perturbation.uniform(1 / 32)
+    other = ~torch.nn.functional.one_hot(y, 4).bool()
+    zs = [attack.perturbed_forward(net, X, pert)]  # the nominal network is one of them
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(64):
+        v = attack.random_vertex(net, X, pert, gen)
+        zs.append(attack.perturbed_forward(net, X, pert, dW=v.dW, db=v.db, dA=v.dA, dX=v.dX))
+    for method in METHODS:
+        m = bounds.margin_interval(net, X, y, pert, method)
+        p = bounds.probability_bounds(net, X, y, pert, method)
+        assert (m.lower[~other] == 0).all() and (m.upper[~other] == 0).all()
+        for z in zs:
+            margins = z.gather(1, y[:, None]) - z
+            assert inside(m.lower, margins, m.upper), method
+            prob = torch.softmax(z, 1).gather(1, y[:, None]).squeeze(1)
+            assert inside(p.lower, prob, p.upper), method
+        lower, upper = bounds.logit_bounds(net, X, pert, method)
+        ibp = bounds.logit_bounds(net, X, pert, "ibp")
+        naive = ibp.lower.gather(1, y[:, None]) - ibp.upper
+        assert (m.lower[other] >= naive[other] - TOL).all(), method
+        if method != "ibp":
+            linear = (upper.gather(1, y[:, None]) - lower) - (lower.gather(1, y[:, None]) - upper)
+            assert m.width[other].mean() < linear[other].mean(), method
+    with pytest.raises(ValueError, match=r"y must be a tensor of shape \(10,\)"):
+        bounds.margin_interval(net, X, y[:3], pert, "crown")
 
 
 def test_chunking_does_not_change_bounds():

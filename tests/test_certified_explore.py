@@ -73,10 +73,28 @@ def test_genome_box_contains_the_fake_quantised_logits(prepared):
                 ev.float_model, X, box, method, options=options, dtype=dtype
             )
             assert bool(((lower <= z) & (z <= upper)).all()), (genome, method, options)
+            # The certified objective's own bound: the true-class probability, via the margins.
+            p = bounds.probability_bounds(
+                ev.float_model, X, ev.y, box, method, options=options, dtype=dtype
+            )
+            pz = torch.softmax(z, 1).gather(1, ev.y[:, None].long())[:, 0]
+            assert bool(((p.lower <= pz) & (pz <= p.upper)).all()), (genome, method, options)
     # 16 bits everywhere: the box is tight, the certificate useful.
     assert (upper - lower).max() < 0.05
     stop1 = certify.Certifier(ev.certifier.X, ev.certifier.y, "crown-ibp", stop=1)
     assert 0 <= stop1(ev.float_model, box).value < 0.01
+
+
+def test_genome_box_is_remembered_per_layer_and_sees_weight_changes(prepared):
+    ev = prepared.evaluator
+    first = ev.box([9] * 6)
+    certify._LAYER_BOXES.clear()
+    assert ev.box([9] * 6) == first  # remembered parts equal a fresh computation
+    assert ev.box([9] * 6) == first
+    net = copy.deepcopy(ev.net)
+    with torch.no_grad():
+        dict(net.model.named_modules())[net.layers[0]].weight.mul_(1.5)
+    assert certify.genome_box(net, [9] * 6).eps_weight[0] != first.eps_weight[0]
 
 
 def test_milp_bounds_a_genome_box(prepared):
@@ -155,8 +173,12 @@ def test_certifier_reuses_the_nominal_logits_until_the_weights_change(prepared):
     assert cert.nominal(model) is first
     assert torch.equal(first, bounds.float_logits(model, cert.X))
     box = ev.box([10] * 6)
-    fresh = bounds.worst_case_discrepancy(model, cert.X, cert.y, box, "ibp").d.mean().item()
+    p = bounds.probability_bounds(model, cert.X, cert.y, box, "ibp")
+    p0 = torch.softmax(first, 1).gather(1, cert.y[:, None].long())[:, 0]
+    fresh = torch.maximum(p.upper - p0, p0 - p.lower).mean().item()
     assert cert(model, box).value == pytest.approx(fresh, abs=1e-15)
+    # Through the margins: never looser than the logit intervals' discrepancy.
+    assert fresh <= bounds.worst_case_discrepancy(model, cert.X, cert.y, box, "ibp").d.mean()
     with torch.no_grad():
         model[1].bias.add_(0.5)
     assert not torch.equal(cert.nominal(model), first)

@@ -55,8 +55,8 @@ Modules: ``values`` (``Interval``, ``LinearBound``), ``base``, ``affine`` and ``
 per-layer objects with their IBP, back-substitution and concrete perturbed rules), ``layers``
 (``layers(model, in_shape)``), ``propagation``
 (``forward_bounds``, ``backsubstitute``, ``unstable``), ``methods`` (``logit_bounds``,
-``margin_bounds``, ``bound_coefficients`` and the registry of methods by name), ``measures``
-(``worst_case_discrepancy``, ``verified_accuracy``).
+``margin_bounds``, ``margin_interval``, ``bound_coefficients`` and the registry of methods by
+name), ``measures`` (``worst_case_discrepancy``, ``probability_bounds``, ``verified_accuracy``).
 """
 
 from qlib.bounds.layers import (
@@ -75,6 +75,7 @@ from qlib.bounds.measures import (
     Discrepancy,
     Verification,
     float_logits,
+    probability_bounds,
     verified_accuracy,
     worst_case_discrepancy,
 )
@@ -87,6 +88,7 @@ from qlib.bounds.methods import (
     bound_coefficients,
     logit_bounds,
     margin_bounds,
+    margin_interval,
     register_method,
 )
 from qlib.bounds.perlayer import Resolved, resolve
@@ -132,6 +134,8 @@ __all__ = [
     "layers",
     "logit_bounds",
     "margin_bounds",
+    "margin_interval",
+    "probability_bounds",
     "register_method",
     "resolve",
     "unstable",

@@ -13,13 +13,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qlib.bounds.layers import layers
-from qlib.bounds.methods import Method, Options, check_labels, logit_bounds, margin_bounds
+from qlib.bounds.methods import (
+    Method,
+    Options,
+    check_labels,
+    logit_bounds,
+    margin_bounds,
+    margin_interval,
+)
+from qlib.bounds.values import Interval
 from qlib.quant import LayerPerturbation, Perturbation
 
 __all__ = [
     "Discrepancy",
     "Verification",
     "float_logits",
+    "probability_bounds",
     "verified_accuracy",
     "worst_case_discrepancy",
 ]
@@ -77,6 +86,28 @@ def worst_case_discrepancy(
     d = torch.maximum(p_best - p0, p0 - p_worst)
     gap = torch.maximum(upper - f, f - lower).amax(1)
     return Discrepancy(d, gap, p0, p_best, p_worst, lower, upper, d.max().item(), gap.max().item())
+
+
+def probability_bounds(
+    model: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    pert: Perturbation | LayerPerturbation,
+    method: Method | str = "ibp",
+    *,
+    options: Options | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> Interval:
+    """Bounds ``[N]`` on the true-class softmax probability of every perturbed network.
+
+    ``p_y = 1 / sum_j exp(-(logit_y - logit_j))`` falls as any margin falls, so the ends of
+    ``margin_interval`` give its ends. Tighter than ``worst_case_discrepancy``'s ``p_worst`` and
+    ``p_best``, which take each logit at its own end; ``max(upper - p0, p0 - lower)`` is then the
+    published discrepancy, certified.
+    """
+    m = margin_interval(model, X, y, pert, method, options=options, dtype=dtype)
+    lower, upper = m.lower.double(), m.upper.double()
+    return Interval(torch.exp(-torch.logsumexp(-lower, 1)), torch.exp(-torch.logsumexp(-upper, 1)))
 
 
 def float_logits(model: nn.Module, X: Tensor) -> Tensor:

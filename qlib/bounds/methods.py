@@ -48,6 +48,7 @@ __all__ = [
     "check_labels",
     "logit_bounds",
     "margin_bounds",
+    "margin_interval",
     "register_method",
 ]
 
@@ -264,15 +265,88 @@ def margin_bounds(
     it is never looser than the latter. A registered method gives ``L_y - U_j`` from its logit
     bounds.
     """
+    out = []
+    for ys, low, ibp in _margin_passes(model, X, y, pert, method, options, dtype, chunk, False):
+        classes = ibp.lower.shape[1]
+        if low is None:
+            logits = ibp
+        else:
+            logits = Interval(low[:, classes : 2 * classes], -low[:, 2 * classes :])
+            logits = logits.intersect(ibp)
+        naive = rounding.down(logits.lower.gather(1, ys[:, None]) - logits.upper)
+        margin = naive if low is None else torch.maximum(low[:, :classes], naive)
+        out.append(margin.masked_fill(F.one_hot(ys, classes).bool(), float("inf")))
+    return torch.cat(out)
+
+
+def margin_interval(
+    model: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    pert: AnyPerturbation,
+    method: Method | str = "ibp",
+    *,
+    options: Options | None = None,
+    dtype: torch.dtype = torch.float64,
+    chunk: int | None = None,
+) -> Interval:
+    """Lower and upper bounds, each ``[N, C]``, on ``logit_y - logit_j`` (entry ``y`` is 0).
+
+    Both sides come from one pass with the ``2 (C - 1)`` spec rows ``±(e_y - e_j)``, each side
+    the tighter of that bound and the one from the logit interval of the pass (for the linear
+    methods its IBP interval, for a registered method its logit bounds). A margin cancels what
+    moves every logit alike, so its interval is narrower than the difference of two logit
+    intervals: on the Fashion-MNIST MLP's genome boxes it certified a third less discrepancy
+    (``qlib.explore.certify``), at the cost of 18 rows instead of 20.
+    """
+    lows, ups = [], []
+    for ys, low, ibp in _margin_passes(model, X, y, pert, method, options, dtype, chunk, True):
+        n, classes = ibp.lower.shape
+        hot = F.one_hot(ys, classes).bool()
+        lower = rounding.down(ibp.lower.gather(1, ys[:, None]) - ibp.upper)
+        upper = rounding.up(ibp.upper.gather(1, ys[:, None]) - ibp.lower)
+        if low is not None:
+            others = _others(ys, classes)
+            lower = lower.scatter(
+                1, others, torch.maximum(lower.gather(1, others), low[:, : classes - 1])
+            )
+            upper = upper.scatter(
+                1, others, torch.minimum(upper.gather(1, others), -low[:, classes - 1 :])
+            )
+        lows.append(lower.masked_fill(hot, 0.0))
+        ups.append(upper.masked_fill(hot, 0.0))
+    return Interval(torch.cat(lows), torch.cat(ups))
+
+
+def _others(ys: Tensor, classes: int) -> Tensor:
+    """Per sample the ``classes - 1`` labels other than ``ys``, ascending: [n, classes - 1]."""
+    j = torch.arange(classes - 1, device=ys.device).expand(len(ys), -1)
+    return j + (j >= ys[:, None]).long()
+
+
+def _margin_passes(
+    model: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    pert: AnyPerturbation,
+    method: str,
+    options: Options | None,
+    dtype: torch.dtype,
+    chunk: int | None,
+    both_sides: bool,
+) -> Iterator[tuple[Tensor, Tensor | None, Interval]]:
+    """Per chunk of samples ``(ys, low, logits)``: the labels, the lower bounds of the spec rows
+    and a sound logit interval [n, C]. The rows are ``e_y - e_j`` for every ``j`` then ``±I``
+    (``both_sides=False``), or ``e_y - e_j`` then ``e_j - e_y`` for ``j != y``
+    (``both_sides=True``). A registered method gives ``low=None`` and its logit bounds."""
     _check_method(method, options)
     _check_inputs(model, X, pert)
     if method not in METHODS:
         lower, upper = logit_bounds(
             model, X, pert, method, options=options, dtype=dtype, chunk=chunk
         )
-        y = check_labels(y, len(X), lower.shape[1])
-        naive = rounding.down(lower.gather(1, y[:, None]) - upper)
-        return naive.masked_fill(F.one_hot(y, lower.shape[1]).bool(), float("inf"))
+        yield check_labels(y, len(X), lower.shape[1]), None, Interval(lower, upper)
+        return
     dtype = _bound_dtype(model, dtype)
     net = layers(model, X.shape[1:])
     pert = resolve(net, pert)
@@ -280,9 +354,9 @@ def margin_bounds(
     if len(net[-1].out_shape) != 1:
         raise ValueError("margin bounds need a flat logit layer [N, classes]")
     y = check_labels(y, len(X), classes)
-    step = chunk or chunk_size(len(X), 3 * classes, net)
+    rows = 2 * (classes - 1) if both_sides else 3 * classes
+    step = chunk or chunk_size(len(X), rows, net)
     stop = 0 if method in ("crown-fast", "crown") else logit_stop(net, method, options)
-    out = []
     with torch.no_grad():
         for start in range(0, len(X), step):
             xs = X[start : start + step].to(dtype)
@@ -291,15 +365,14 @@ def margin_bounds(
             boxes = forward_bounds(net, xs, pert, method, options)
             eye = torch.eye(classes, dtype=dtype)
             C = eye[ys].unsqueeze(1) - eye.unsqueeze(0)  # [n, classes, classes]: row j = e_y - e_j
-            rows = torch.cat([C, eye.expand(n, -1, -1), -eye.expand(n, -1, -1)], 1)
-            spec = LinearBound(rows, torch.zeros(n, 3 * classes, dtype=dtype))
+            if both_sides:
+                C = C.gather(1, _others(ys, classes)[..., None].expand(-1, -1, classes))
+                rows = torch.cat([C, -C], 1)
+            else:
+                rows = torch.cat([C, eye.expand(n, -1, -1), -eye.expand(n, -1, -1)], 1)
+            spec = LinearBound(rows, torch.zeros(n, rows.shape[1], dtype=dtype))
             low = backsubstitute(net, len(net) - 1, spec, boxes, pert, stop=stop)
-            logits = Interval(low[:, classes : 2 * classes], -low[:, 2 * classes :])
-            logits = logits.intersect(boxes[-1])
-            naive = rounding.down(logits.lower.gather(1, ys[:, None]) - logits.upper)
-            margin = torch.maximum(low[:, :classes], naive)
-            out.append(margin.masked_fill(F.one_hot(ys, classes).bool(), float("inf")))
-    return torch.cat(out)
+            yield ys, low, boxes[-1]
 
 
 def bound_coefficients(
