@@ -76,10 +76,14 @@ class Affine(Layer):
         if eps_b:
             upper, lower = upper + eps_b, lower - eps_b
         if rounding.enabled():
-            # 2 fan_in + 2 terms per output. Since Wl <= Wu and 0 <= l <= u, every term of either
-            # sum is at most Wu⁺ u or |Wl⁻| u of its input, so Wu⁺ u - Wl⁻ u (two products
-            # already made) bounds both sums of absolute values: no fifth product.
-            m = rounding.margin(top - bottom + b.abs() + eps_b, 2 * self.fan_in + 2)
+            # Each side is two dot products of fan_in terms (any order inside), then three
+            # additions (the other product, b, eps_b): every term passes through at most
+            # fan_in + 3 roundings, so gamma_{fan_in + 3} covers it (not gamma of all
+            # 2 fan_in + 2 terms, which would assume one sum in any order and double the margin).
+            # Since Wl <= Wu and 0 <= l <= u, every term of either side is at most Wu⁺ u or
+            # |Wl⁻| u of its input, so Wu⁺ u - Wl⁻ u (two products already made) bounds both sums
+            # of absolute values: no fifth product.
+            m = rounding.margin(top - bottom + b.abs() + eps_b, self.fan_in + 3)
             upper, lower = rounding.up(upper + m), rounding.down(lower - m)
         return Interval(lower, upper)
 

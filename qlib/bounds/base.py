@@ -179,12 +179,19 @@ def rowdot(A: Tensor, v: Tensor) -> Tensor:
     )
 
 
-def step_slack(bound: LinearBound, abs_value: Tensor, n_terms: int) -> Tensor | None:
+def step_slack(
+    bound: LinearBound, abs_value: Tensor, n_terms: int, entries: Tensor | None = None
+) -> Tensor | None:
     """The slack after one backward step: the old one plus the step's rounding margin, whose
-    evaluation on absolute values is ``abs_value`` ``[N, S]`` plus ``|const|``."""
+    evaluation on absolute values is ``abs_value`` ``[N, S]`` plus ``|const|``. ``entries``
+    (optional, ``[N, S]``): the evaluation on absolute values of coefficient errors that carry at
+    most three roundings each (an elementwise step), which need ``gamma_3``, not
+    ``gamma_{n_terms}``: the sum over the coefficients is the bound's, not a computed one."""
     if not rounding.enabled():
         return bound.slack
     step = rounding.margin(abs_value + bound.const.abs(), n_terms)
+    if entries is not None:
+        step = rounding.up(step + rounding.margin(entries, 3, summed=n_terms))
     return step if bound.slack is None else rounding.up(bound.slack + step)
 
 

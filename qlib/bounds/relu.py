@@ -87,12 +87,13 @@ class ReLU(Layer):
         const = const + rowdot(neg.reshape(*lead, k), (bu - bl).reshape(n, k))
         slack = bound.slack
         if rounding.enabled():
-            # Entry errors of A_in are within |A| (2|al| + |au|) and act on |ẑ| <= max(|l|, |u|);
-            # the constant's within |A| (2|bl| + |bu|).
+            # Each entry of A_in carries three roundings (A al, au - al, addcmul): its error is
+            # within gamma_3 |A| (2|al| + |au|) and acts on |ẑ| <= max(|l|, |u|). The constant's
+            # two dot products of k terms and two additions: within gamma_{k+3} |A| (2|bl| + |bu|).
             al0, bl0, au0, bu0 = (t.squeeze(1) for t in (al, bl, au, bu))
             z = torch.maximum(self.pre.lower.abs(), self.pre.upper.abs())
-            v = (2 * al0.abs() + au0.abs()) * z + 2 * bl0.abs() + bu0.abs()
-            slack = step_slack(bound, abs_dot(A, v), k + 4)
+            entries = abs_dot(A, (2 * al0.abs() + au0.abs()) * z)
+            slack = step_slack(bound, abs_dot(A, 2 * bl0.abs() + bu0.abs()), k + 3, entries)
         return LinearBound(A_in, bound.const + const, slack)
 
     def perturbed(self, h: Tensor, dA: Tensor | None = None, clip: float | None = None) -> Tensor:

@@ -55,27 +55,32 @@ def unit_roundoff(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2
 
 
-def factor(n: int, dtype: torch.dtype) -> float:
+def factor(n: int, dtype: torch.dtype, summed: int | None = None) -> float:
     """A Python float ``c`` such that ``fl(c * fl(S))`` bounds ``gamma_n`` times the exact value
-    of a non-negative sum ``S`` of at most ``n`` terms: ``gamma_n (1 + 2 gamma_{n+1})``, rounded
-    up (``fl(S) >= S (1 - gamma_n)`` and the product loses at most one more ``u``)."""
+    of a non-negative sum ``S`` of at most ``summed`` terms (default ``n``), each term computed
+    with at most ``summed`` roundings too: ``gamma_n (1 + 2 gamma_{summed+1})``, rounded up
+    (``fl(S) >= S (1 - gamma_summed)`` and the product loses at most one more ``u``)."""
     u = unit_roundoff(dtype)
-    if (n + 1) * u >= 0.01:
-        raise ValueError(f"{n} terms are too many for a rounding bound in {dtype}")
+    m = n if summed is None else max(n, summed)
+    if (m + 1) * u >= 0.01:
+        raise ValueError(f"{m} terms are too many for a rounding bound in {dtype}")
 
     def gamma(k: int) -> float:
         return k * u / (1 - k * u)
 
-    return gamma(n) * (1 + 2 * gamma(n + 1)) * (1 + 1e-6)
+    return gamma(n) * (1 + 2 * gamma(m + 1)) * (1 + 1e-6)
 
 
-def margin(abs_value: Tensor, n: int) -> Tensor:
-    """An upper bound on the rounding error of an ``n``-term expression whose evaluation on
-    absolute values is ``abs_value`` (>= 0, same dtype); zero when margins are off."""
+def margin(abs_value: Tensor, n: int, summed: int | None = None) -> Tensor:
+    """An upper bound on the rounding error of an expression whose every term passes through at
+    most ``n`` roundings and whose evaluation on absolute values is ``abs_value`` (>= 0, same
+    dtype; itself a computed sum of at most ``summed`` terms, default ``n``); zero when margins
+    are off."""
     if not _ENABLED:
         return torch.zeros_like(abs_value)
+    terms = n if summed is None else max(n, summed)
     tiny = torch.finfo(abs_value.dtype).smallest_normal * torch.finfo(abs_value.dtype).eps
-    return abs_value * factor(n, abs_value.dtype) + (n + 8) * tiny
+    return abs_value * factor(n, abs_value.dtype, summed) + (terms + 8) * tiny
 
 
 def up(x: Tensor) -> Tensor:
