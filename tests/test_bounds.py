@@ -412,6 +412,14 @@ def test_worst_case_discrepancy_bounds_attacked_discrepancy():
     f = net(X).double()
     p0 = torch.softmax(f, 1).gather(1, y[:, None]).squeeze(1)
     assert torch.allclose(d.p0, p0)
+    # Through the margins: never looser than taking each logit at its own end.
+    hot = torch.nn.functional.one_hot(y, 4).bool()
+    best = torch.softmax(torch.where(hot, d.upper, d.lower), 1).gather(1, y[:, None])[:, 0]
+    worst = torch.softmax(torch.where(hot, d.lower, d.upper), 1).gather(1, y[:, None])[:, 0]
+    assert (d.p_best <= best + 1e-12).all() and (d.p_worst >= worst - 1e-12).all()
+    assert d.d.mean() < torch.maximum(best - p0, p0 - worst).mean()
+    lo, hi = bounds.logit_bounds(net, X, pert, "crown")
+    assert torch.equal(d.lower, lo) and torch.equal(d.upper, hi)  # the same logit bounds
     assert d.worst == pytest.approx(d.d.max().item())
     assert ((0 <= d.d) & (d.d <= 1)).all()
     gen = torch.Generator().manual_seed(0)

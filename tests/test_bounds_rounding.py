@@ -195,5 +195,14 @@ def test_bad_models_and_overflow():
     with pytest.warns(RuntimeWarning, match="overflowed float32"):
         res = bounds.logit_bounds(deep, X, Perturbation.uniform(0.5), "ibp", dtype=torch.float32)
     assert res.lower.dtype == torch.float64 and res.upper.isfinite().all()
+    two = _mlp(
+        [([[1e5] * 4] * 4, [0.0] * 4)] * 6 + [([[1e5] * 4, [-1e5] * 4], [0.0] * 2)], torch.float32
+    )
+    y = torch.zeros(2, dtype=torch.long)
+    with pytest.warns(RuntimeWarning, match="overflowed float32"):
+        m = bounds.margin_interval(two, X, y, Perturbation.uniform(0.5), dtype=torch.float32)
+    assert m.lower.dtype == torch.float64 and m.upper.isfinite().all()
+    one = bounds.margin_interval(deep, X, y, pert)  # one class: no margin, every bound 0
+    assert one.lower.shape == (2, 1) and (one.lower == 0).all() and (one.upper == 0).all()
     with pytest.raises(ValueError, match="float32 or float64"):
         bounds.logit_bounds(model, X, pert, dtype=torch.float16)

@@ -55,8 +55,9 @@ Modules: ``values`` (``Interval``, ``LinearBound``), ``base``, ``affine`` and ``
 per-layer objects with their IBP, back-substitution and concrete perturbed rules), ``layers``
 (``layers(model, in_shape)``), ``propagation``
 (``forward_bounds``, ``backsubstitute``, ``unstable``), ``methods`` (``logit_bounds``,
-``margin_bounds``, ``margin_interval``, ``bound_coefficients`` and the registry of methods by
-name), ``measures`` (``worst_case_discrepancy``, ``probability_bounds``, ``verified_accuracy``).
+``margin_bounds``, ``margin_interval``, ``margins_and_logits``, ``bound_coefficients`` and the
+registry of methods by name), ``measures`` (``worst_case_discrepancy``, ``probability_bounds``,
+``verified_accuracy``).
 """
 
 from qlib.bounds.layers import (
@@ -89,6 +90,7 @@ from qlib.bounds.methods import (
     logit_bounds,
     margin_bounds,
     margin_interval,
+    margins_and_logits,
     register_method,
 )
 from qlib.bounds.perlayer import Resolved, resolve
@@ -135,6 +137,7 @@ __all__ = [
     "logit_bounds",
     "margin_bounds",
     "margin_interval",
+    "margins_and_logits",
     "probability_bounds",
     "register_method",
     "resolve",

@@ -20,6 +20,7 @@ from qlib.bounds.methods import (
     logit_bounds,
     margin_bounds,
     margin_interval,
+    margins_and_logits,
 )
 from qlib.bounds.values import Interval
 from qlib.quant import LayerPerturbation, Perturbation
@@ -39,7 +40,9 @@ class Discrepancy:
     """Worst-case discrepancy between ``f`` and every perturbed network, per sample ``[N]``.
 
     ``d`` is the published measure on the true-class softmax probability:
-    ``max(p_best - p0, p0 - p_worst)``; ``logit_gap`` is ``max_j max(U_j - f_j, f_j - L_j)``.
+    ``max(p_best - p0, p0 - p_worst)``, with ``p_best`` and ``p_worst`` bounded through the
+    margins ``logit_y - logit_j`` (``probability_bounds``); ``logit_gap`` is
+    ``max_j max(U_j - f_j, f_j - L_j)`` over the logit bounds ``lower`` and ``upper``.
     ``worst`` and ``worst_logit_gap`` are the data-set maxima.
     """
 
@@ -66,11 +69,13 @@ def worst_case_discrepancy(
     logits: Tensor | None = None,
 ) -> Discrepancy:
     """Bound the published discrepancy for every sample of ``X`` [N, ...] with labels ``y`` [N]
-    by the logit bounds of ``method`` (any name of ``available_methods()``), computed in
-    ``dtype`` (see ``logit_bounds``). ``logits``: ``float_logits(model, X)`` when the caller
-    already has them (they do not depend on ``pert``)."""
-    lower, upper = logit_bounds(model, X, pert, method, options=options, dtype=dtype)
-    lower, upper = lower.double(), upper.double()
+    by ``method`` (any name of ``available_methods()``), computed in ``dtype`` (see
+    ``logit_bounds``): one pass bounds both sides of every margin and every logit
+    (``margins_and_logits``, ``4C - 2`` rows instead of ``logit_bounds``' ``2C``: on the MNIST
+    4x256 MLP 1.5x its time with ``"crown"``, 2.4x with ``"crown-ibp"``). ``logits``: ``float_logits(model, X)`` when the caller already has
+    them (they do not depend on ``pert``)."""
+    margins, box = margins_and_logits(model, X, y, pert, method, options=options, dtype=dtype)
+    lower, upper = box.lower.double(), box.upper.double()
     y = check_labels(y, len(X), lower.shape[1])
     if logits is None:
         with torch.no_grad():
@@ -79,13 +84,11 @@ def worst_case_discrepancy(
         raise ValueError(f"logits must have shape {tuple(lower.shape)}, got {tuple(logits.shape)}")
     else:
         f = logits.double()
-    hot = F.one_hot(y, lower.shape[1]).bool()
     p0 = torch.softmax(f, 1).gather(1, y[:, None]).squeeze(1)
-    p_best = torch.softmax(torch.where(hot, upper, lower), 1).gather(1, y[:, None]).squeeze(1)
-    p_worst = torch.softmax(torch.where(hot, lower, upper), 1).gather(1, y[:, None]).squeeze(1)
-    d = torch.maximum(p_best - p0, p0 - p_worst)
+    p = _probability(margins)
+    d = torch.maximum(p.upper - p0, p0 - p.lower)
     gap = torch.maximum(upper - f, f - lower).amax(1)
-    return Discrepancy(d, gap, p0, p_best, p_worst, lower, upper, d.max().item(), gap.max().item())
+    return Discrepancy(d, gap, p0, p.upper, p.lower, lower, upper, d.max().item(), gap.max().item())
 
 
 def probability_bounds(
@@ -101,12 +104,16 @@ def probability_bounds(
     """Bounds ``[N]`` on the true-class softmax probability of every perturbed network.
 
     ``p_y = 1 / sum_j exp(-(logit_y - logit_j))`` falls as any margin falls, so the ends of
-    ``margin_interval`` give its ends. Tighter than ``worst_case_discrepancy``'s ``p_worst`` and
-    ``p_best``, which take each logit at its own end; ``max(upper - p0, p0 - lower)`` is then the
-    published discrepancy, certified.
+    ``margin_interval`` give its ends: tighter than taking each logit at its own end, and with
+    18 rows per image instead of ``worst_case_discrepancy``'s 38 (which bounds the logits too).
+    ``max(upper - p0, p0 - lower)`` is then the published discrepancy, certified.
     """
-    m = margin_interval(model, X, y, pert, method, options=options, dtype=dtype)
-    lower, upper = m.lower.double(), m.upper.double()
+    return _probability(margin_interval(model, X, y, pert, method, options=options, dtype=dtype))
+
+
+def _probability(margins: Interval) -> Interval:
+    """Bounds on ``p_y = 1 / sum_j exp(-(logit_y - logit_j))`` from bounds on its margins."""
+    lower, upper = margins.lower.double(), margins.upper.double()
     return Interval(torch.exp(-torch.logsumexp(-lower, 1)), torch.exp(-torch.logsumexp(-upper, 1)))
 
 

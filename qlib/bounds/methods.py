@@ -49,6 +49,7 @@ __all__ = [
     "logit_bounds",
     "margin_bounds",
     "margin_interval",
+    "margins_and_logits",
     "register_method",
 ]
 
@@ -265,18 +266,11 @@ def margin_bounds(
     it is never looser than the latter. A registered method gives ``L_y - U_j`` from its logit
     bounds.
     """
-    out = []
-    for ys, low, ibp in _margin_passes(model, X, y, pert, method, options, dtype, chunk, False):
-        classes = ibp.lower.shape[1]
-        if low is None:
-            logits = ibp
-        else:
-            logits = Interval(low[:, classes : 2 * classes], -low[:, 2 * classes :])
-            logits = logits.intersect(ibp)
-        naive = rounding.down(logits.lower.gather(1, ys[:, None]) - logits.upper)
-        margin = naive if low is None else torch.maximum(low[:, :classes], naive)
-        out.append(margin.masked_fill(F.one_hot(ys, classes).bool(), float("inf")))
-    return torch.cat(out)
+    margins, _ = margins_and_logits(
+        model, X, y, pert, method, options=options, dtype=dtype, chunk=chunk, upper=False
+    )
+    y = check_labels(y, len(X), margins.lower.shape[1])
+    return margins.lower.masked_fill(F.one_hot(y, margins.lower.shape[1]).bool(), float("inf"))
 
 
 def margin_interval(
@@ -299,54 +293,45 @@ def margin_interval(
     intervals: on the Fashion-MNIST MLP's genome boxes it certified a third less discrepancy
     (``qlib.explore.certify``), at the cost of 18 rows instead of 20.
     """
-    lows, ups = [], []
-    for ys, low, ibp in _margin_passes(model, X, y, pert, method, options, dtype, chunk, True):
-        n, classes = ibp.lower.shape
-        hot = F.one_hot(ys, classes).bool()
-        lower = rounding.down(ibp.lower.gather(1, ys[:, None]) - ibp.upper)
-        upper = rounding.up(ibp.upper.gather(1, ys[:, None]) - ibp.lower)
-        if low is not None:
-            others = _others(ys, classes)
-            lower = lower.scatter(
-                1, others, torch.maximum(lower.gather(1, others), low[:, : classes - 1])
-            )
-            upper = upper.scatter(
-                1, others, torch.minimum(upper.gather(1, others), -low[:, classes - 1 :])
-            )
-        lows.append(lower.masked_fill(hot, 0.0))
-        ups.append(upper.masked_fill(hot, 0.0))
-    return Interval(torch.cat(lows), torch.cat(ups))
+    margins, _ = margins_and_logits(
+        model, X, y, pert, method, options=options, dtype=dtype, chunk=chunk, logits=False
+    )
+    return margins
 
 
-def _others(ys: Tensor, classes: int) -> Tensor:
-    """Per sample the ``classes - 1`` labels other than ``ys``, ascending: [n, classes - 1]."""
-    j = torch.arange(classes - 1, device=ys.device).expand(len(ys), -1)
-    return j + (j >= ys[:, None]).long()
-
-
-def _margin_passes(
+def margins_and_logits(
     model: nn.Module,
     X: Tensor,
     y: Tensor,
     pert: AnyPerturbation,
-    method: str,
-    options: Options | None,
-    dtype: torch.dtype,
-    chunk: int | None,
-    both_sides: bool,
-) -> Iterator[tuple[Tensor, Tensor | None, Interval]]:
-    """Per chunk of samples ``(ys, low, logits)``: the labels, the lower bounds of the spec rows
-    and a sound logit interval [n, C]. The rows are ``e_y - e_j`` for every ``j`` then ``±I``
-    (``both_sides=False``), or ``e_y - e_j`` then ``e_j - e_y`` for ``j != y``
-    (``both_sides=True``). A registered method gives ``low=None`` and its logit bounds."""
+    method: Method | str = "ibp",
+    *,
+    options: Options | None = None,
+    dtype: torch.dtype = torch.float64,
+    chunk: int | None = None,
+    upper: bool = True,
+    logits: bool = True,
+) -> tuple[Interval, Interval]:
+    """Bounds ``[N, C]`` on the margins ``logit_y - logit_j`` (entry ``y`` is 0) and on the logits,
+    from one pass per chunk of samples.
+
+    For the built-in methods the spec rows are ``e_y - e_j`` for ``j != y``, then (``upper``)
+    their negations, then (``logits``) ``±I``, all back-substituted like the logits of
+    ``logit_bounds``. Each margin side is the tighter of its spec row and of the difference of
+    the logit bounds; each logit bound the tighter of its row and of IBP's. Without ``upper``
+    the upper margins, and without ``logits`` the logits, come from the logit interval alone (the
+    IBP interval, for the linear methods). A registered method gives its logit bounds and their
+    differences. float32 bounds that overflow are recomputed in float64 with a warning.
+    """
     _check_method(method, options)
     _check_inputs(model, X, pert)
     if method not in METHODS:
-        lower, upper = logit_bounds(
+        lower, upper_ = logit_bounds(
             model, X, pert, method, options=options, dtype=dtype, chunk=chunk
         )
-        yield check_labels(y, len(X), lower.shape[1]), None, Interval(lower, upper)
-        return
+        y = check_labels(y, len(X), lower.shape[1])
+        box = Interval(lower, upper_)
+        return _margins_of(box, y, None, upper), box
     dtype = _bound_dtype(model, dtype)
     net = layers(model, X.shape[1:])
     pert = resolve(net, pert)
@@ -354,25 +339,76 @@ def _margin_passes(
     if len(net[-1].out_shape) != 1:
         raise ValueError("margin bounds need a flat logit layer [N, classes]")
     y = check_labels(y, len(X), classes)
-    rows = 2 * (classes - 1) if both_sides else 3 * classes
+    rows = (classes - 1) * (2 if upper else 1) + (2 * classes if logits else 0)
     step = chunk or chunk_size(len(X), rows, net)
     stop = 0 if method in ("crown-fast", "crown") else logit_stop(net, method, options)
+
+    def bound(xs: Tensor, ys: Tensor) -> tuple[Interval, Interval]:
+        n, dt = len(xs), xs.dtype
+        boxes = forward_bounds(net, xs, pert, method, options)
+        eye = torch.eye(classes, dtype=dt)
+        C = eye[ys].unsqueeze(1) - eye.unsqueeze(0)  # [n, classes, classes]: row j = e_y - e_j
+        C = C.gather(1, _others(ys, classes)[..., None].expand(-1, -1, classes))
+        spec = [C, -C] if upper else [C]
+        if logits:
+            spec += [eye.expand(n, -1, -1), -eye.expand(n, -1, -1)]
+        spec = torch.cat(spec, 1)
+        rows = LinearBound(spec, torch.zeros(n, spec.shape[1], dtype=dt))
+        # One class has no margin: nothing to back-substitute.
+        low = (
+            backsubstitute(net, len(net) - 1, rows, boxes, pert, stop)
+            if spec.shape[1]
+            else spec[..., 0]
+        )
+        box = Interval(boxes[-1].lower.flatten(1), boxes[-1].upper.flatten(1))
+        if logits:
+            end = spec.shape[1] - 2 * classes
+            box = Interval(low[:, end : end + classes], -low[:, end + classes :]).intersect(box)
+        return _margins_of(box, ys, low, upper), box
+
+    parts = []
     with torch.no_grad():
         for start in range(0, len(X), step):
-            xs = X[start : start + step].to(dtype)
-            ys = y[start : start + step]
-            n = len(xs)
-            boxes = forward_bounds(net, xs, pert, method, options)
-            eye = torch.eye(classes, dtype=dtype)
-            C = eye[ys].unsqueeze(1) - eye.unsqueeze(0)  # [n, classes, classes]: row j = e_y - e_j
-            if both_sides:
-                C = C.gather(1, _others(ys, classes)[..., None].expand(-1, -1, classes))
-                rows = torch.cat([C, -C], 1)
-            else:
-                rows = torch.cat([C, eye.expand(n, -1, -1), -eye.expand(n, -1, -1)], 1)
-            spec = LinearBound(rows, torch.zeros(n, rows.shape[1], dtype=dtype))
-            low = backsubstitute(net, len(net) - 1, spec, boxes, pert, stop=stop)
-            yield ys, low, boxes[-1]
+            xs, ys = X[start : start + step].to(dtype), y[start : start + step]
+            part = bound(xs, ys)
+            finite = all(t.isfinite().all() for iv in part for t in (iv.lower, iv.upper))
+            if dtype == torch.float32 and not finite:
+                warnings.warn(
+                    "bounds overflowed float32 (eps too large for this network); computed again "
+                    "in float64",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                part = bound(xs.to(torch.float64), ys)  # concatenated as float64 below
+            parts.append(part)
+    margins, logits = (
+        Interval(torch.cat([p[k].lower for p in parts]), torch.cat([p[k].upper for p in parts]))
+        for k in range(2)
+    )
+    return margins, logits
+
+
+def _margins_of(box: Interval, ys: Tensor, low: Tensor | None, upper: bool) -> Interval:
+    """Margin bounds ``[n, C]`` (entry ``y`` 0) from the logit interval ``box``, tightened by the
+    spec rows' lower bounds ``low`` (``e_y - e_j`` first, then, with ``upper``, ``e_j - e_y``)."""
+    classes = box.lower.shape[1]
+    lower = rounding.down(box.lower.gather(1, ys[:, None]) - box.upper)
+    upper_ = rounding.up(box.upper.gather(1, ys[:, None]) - box.lower)
+    if low is not None:
+        others, k = _others(ys, classes), classes - 1
+        lower = lower.scatter(1, others, torch.maximum(lower.gather(1, others), low[:, :k]))
+        if upper:
+            upper_ = upper_.scatter(
+                1, others, torch.minimum(upper_.gather(1, others), -low[:, k : 2 * k])
+            )
+    hot = F.one_hot(ys, classes).bool()
+    return Interval(lower.masked_fill(hot, 0.0), upper_.masked_fill(hot, 0.0))
+
+
+def _others(ys: Tensor, classes: int) -> Tensor:
+    """Per sample the ``classes - 1`` labels other than ``ys``, ascending: [n, classes - 1]."""
+    j = torch.arange(classes - 1, device=ys.device).expand(len(ys), -1)
+    return j + (j >= ys[:, None]).long()
 
 
 def bound_coefficients(
