@@ -72,8 +72,9 @@ def worst_case_discrepancy(
     by ``method`` (any name of ``available_methods()``), computed in ``dtype`` (see
     ``logit_bounds``): one pass bounds both sides of every margin and every logit
     (``margins_and_logits``, ``4C - 2`` rows instead of ``logit_bounds``' ``2C``: on the MNIST
-    4x256 MLP 1.5x its time with ``"crown"``, 2.4x with ``"crown-ibp"``). ``logits``: ``float_logits(model, X)`` when the caller already has
-    them (they do not depend on ``pert``)."""
+    4x256 MLP 1.5x its time with ``"crown"``, 2.4x with ``"crown-ibp"``). ``logits``:
+    ``float_logits(model, X)`` when the caller already has them (they do not depend on
+    ``pert``)."""
     margins, box = margins_and_logits(model, X, y, pert, method, options=options, dtype=dtype)
     lower, upper = box.lower.double(), box.upper.double()
     y = check_labels(y, len(X), lower.shape[1])
