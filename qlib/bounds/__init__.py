@@ -45,8 +45,9 @@ order), so it holds for the floating-point numbers computed, not only in exact a
 float64 is the default: float32 is about twice as fast, but its rigorous margins (``gamma_n``
 with ``u = 2^-24`` and ``n`` the roundings a term passes through, up to the fan-in plus three)
 made the logit bounds of the MNIST 4x256 MLP 0.09-0.16 % looser, above the 1e-4 the book
-accepts (``benchmarks/bench_bounds.py``); pass ``dtype=torch.float32`` when speed matters more. The differentiable path of certified training
-computes no margins (it needs gradients, not certificates).
+accepts (``benchmarks/bench_bounds.py``); pass ``dtype=torch.float32`` when speed matters more.
+The differentiable path of certified training computes no margins (it needs gradients, not
+certificates).
 
 The network is an ``nn.Sequential`` of Linear, Conv2d, ReLU and Flatten; a ReLU must follow every
 affine layer except the last, which gives the logits.

@@ -353,10 +353,10 @@ def margins_and_logits(
         if logits:
             spec += [eye.expand(n, -1, -1), -eye.expand(n, -1, -1)]
         spec = torch.cat(spec, 1)
-        rows = LinearBound(spec, torch.zeros(n, spec.shape[1], dtype=dt))
+        spec_bound = LinearBound(spec, torch.zeros(n, spec.shape[1], dtype=dt))
         # One class has no margin: nothing to back-substitute.
         low = (
-            backsubstitute(net, len(net) - 1, rows, boxes, pert, stop)
+            backsubstitute(net, len(net) - 1, spec_bound, boxes, pert, stop)
             if spec.shape[1]
             else spec[..., 0]
         )

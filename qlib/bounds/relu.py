@@ -170,9 +170,9 @@ def clip_relaxation(
 # Comparisons, boolean masks and torch.where cost 5-25x an arithmetic operation per element on
 # the CPU (up to 65 µs against 3 µs on a [256, 128] float32 tensor), and a relaxation makes a few
 # dozen selections: so they are arithmetic on 0/1 indicators (on the Fashion MLP's widest clipped
-# layer, 1.55 -> 1.06 ms per relaxation, bit for bit the same slopes and offsets). Each is exact for finite values: the sign
-# of a computed difference is that of the exact one, products with 0 or 1 are exact, and lerp
-# with weight 0 or 1 returns one of its ends unchanged.
+# layer, 1.55 -> 1.06 ms per relaxation, bit for bit the same slopes and offsets). Each is exact
+# for finite values: the sign of a computed difference is that of the exact one, products with 0
+# or 1 are exact, and lerp with weight 0 or 1 returns one of its ends unchanged.
 def _gt(a: Tensor | float, b: Tensor | float) -> Tensor:
     """1.0 where ``a > b``, else 0.0."""
     return torch.sign(a - b).clamp_(min=0.0)

@@ -20,8 +20,8 @@ float32 (``qlib.explore.fakequant``):
 
 ``Certifier`` bounds a box over a fixed set of images with a named bound method and returns a
 ``Certificate``: the certified mean discrepancy (``kind="discrepancy"``: the published measure on
-the true-class probability, per image, averaged; bounded through the margins ``logit_y - logit_j``,
-``bounds.probability_bounds``) or the certified accuracy at a margin
+the true-class probability, per image, averaged; bounded through the margins
+``logit_y - logit_j``, ``bounds.probability_bounds``) or the certified accuracy at a margin
 (``kind="accuracy"``). A box whose every bound is vacuous is ``"uncertifiable"`` (value 1 or 0),
 never an error.
 """
