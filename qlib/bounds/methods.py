@@ -50,6 +50,7 @@ __all__ = [
     "margin_bounds",
     "margin_interval",
     "margins_and_logits",
+    "margins_of",
     "register_method",
 ]
 
@@ -331,7 +332,7 @@ def margins_and_logits(
         )
         y = check_labels(y, len(X), lower.shape[1])
         box = Interval(lower, upper_)
-        return _margins_of(box, y, None, upper), box
+        return margins_of(box, y, None, upper), box
     dtype = _bound_dtype(model, dtype)
     net = layers(model, X.shape[1:])
     pert = resolve(net, pert)
@@ -364,7 +365,7 @@ def margins_and_logits(
         if logits:
             end = spec.shape[1] - 2 * classes
             box = Interval(low[:, end : end + classes], -low[:, end + classes :]).intersect(box)
-        return _margins_of(box, ys, low, upper), box
+        return margins_of(box, ys, low, upper), box
 
     parts = []
     with torch.no_grad():
@@ -388,9 +389,12 @@ def margins_and_logits(
     return margins, logits
 
 
-def _margins_of(box: Interval, ys: Tensor, low: Tensor | None, upper: bool) -> Interval:
-    """Margin bounds ``[n, C]`` (entry ``y`` 0) from the logit interval ``box``, tightened by the
-    spec rows' lower bounds ``low`` (``e_y - e_j`` first, then, with ``upper``, ``e_j - e_y``)."""
+def margins_of(
+    box: Interval, ys: Tensor, low: Tensor | None = None, upper: bool = True
+) -> Interval:
+    """Margin bounds ``[n, C]`` (entry ``y`` 0) from the logit interval ``box`` (rounded
+    outward), tightened by the spec rows' lower bounds ``low`` if given (``e_y - e_j`` first,
+    then, with ``upper``, ``e_j - e_y``)."""
     classes = box.lower.shape[1]
     lower = rounding.down(box.lower.gather(1, ys[:, None]) - box.upper)
     upper_ = rounding.up(box.upper.gather(1, ys[:, None]) - box.lower)
