@@ -167,16 +167,24 @@ def logit_bounds(
     start = time.perf_counter()
     # Training needs gradients, not certificates: no margins on the differentiable path.
     with rounding.outward(rounding.enabled() and not differentiable):
-        lower, upper = fn(model, X, pert, options, dtype, differentiable, chunk)
-        if dtype == torch.float32 and not (lower.isfinite().all() and upper.isfinite().all()):
-            warnings.warn(
-                "bounds overflowed float32 (eps too large for this network); computed again "
-                "in float64",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            lower, upper = fn(model, X, pert, options, torch.float64, differentiable, chunk)
+        lower, upper = _unless_overflow(
+            lambda dt: fn(model, X, pert, options, dt, differentiable, chunk), dtype, lambda b: b
+        )
     return LogitBounds(lower, upper, method, time.perf_counter() - start)
+
+
+def _unless_overflow(compute: Callable, dtype: torch.dtype, tensors: Callable) -> object:
+    """``compute(dtype)``; computed again in float64, with a warning, when a float32 result has a
+    non-finite entry among ``tensors(result)``."""
+    out = compute(dtype)
+    if dtype == torch.float32 and not all(t.isfinite().all() for t in tensors(out)):
+        warnings.warn(
+            "bounds overflowed float32 (eps too large for this network); computed again in float64",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        out = compute(torch.float64)
+    return out
 
 
 def _bound_dtype(model: nn.Module, dtype: torch.dtype) -> torch.dtype:
@@ -370,17 +378,13 @@ def margins_and_logits(
     parts = []
     with torch.no_grad():
         for start in range(0, len(X), step):
-            xs, ys = X[start : start + step].to(dtype), y[start : start + step]
-            part = bound(xs, ys)
-            finite = all(t.isfinite().all() for iv in part for t in (iv.lower, iv.upper))
-            if dtype == torch.float32 and not finite:
-                warnings.warn(
-                    "bounds overflowed float32 (eps too large for this network); computed again "
-                    "in float64",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                part = bound(xs.to(torch.float64), ys)  # concatenated as float64 below
+            xs, ys = X[start : start + step], y[start : start + step]
+            # An overflowing chunk comes back in float64, and the concatenation promotes.
+            part = _unless_overflow(
+                lambda dt, xs=xs, ys=ys: bound(xs.to(dt), ys),
+                dtype,
+                lambda p: (t for iv in p for t in (iv.lower, iv.upper)),
+            )
             parts.append(part)
     margins, logits = (
         Interval(torch.cat([p[k].lower for p in parts]), torch.cat([p[k].upper for p in parts]))
