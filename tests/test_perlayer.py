@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -97,6 +97,9 @@ def test_clipped_network_leaves_the_unclipped_box():
     clip=st.floats(0, 2),
     eps=st.sampled_from([0.0, 0.01, 0.3]),
 )
+# A subnormal width: a slope of a branch not taken overflows to infinity.
+@example(lo=0.0, width=5e-324, clip=1.0, eps=0.0)
+@example(lo=0.0, width=5e-324, clip=1.0, eps=0.01)
 def test_clip_relaxation_holds_on_a_dense_grid(lo: float, width: float, clip: float, eps: float):
     """al z + bl <= max(min(relu z, c) - eps, 0) and au z + bu >= min(relu z, c) + eps on [l, u]."""
     lo_t = torch.tensor([lo], dtype=torch.float64)

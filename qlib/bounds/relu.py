@@ -126,11 +126,11 @@ def clip_relaxation(
 
     # Upper: Gu is 0 + eps up to 0, the identity + eps to c, then c + eps.
     steep = _gt(c_hi - lo, up - c_hi)  # the tangent through (lo, .) and (c, c) beats the flat one
-    chord = _pick(lo_pos, 1.0, up / width)
+    chord = _pick(lo_pos, 1.0, _slope(up, width))
     # A Python number over a tensor is computed as a reciprocal and a product: tensors over
     # tensors keep the slopes bit for bit those of the plain formulas.
     c = torch.full_like(lo, c_hi)
-    through_c = _pick(lo_pos, 1.0, c / _pick(_gt(c_hi, lo), c_hi - lo, 1.0))
+    through_c = _pick(lo_pos, 1.0, _slope(c, _pick(_gt(c_hi, lo), c_hi - lo, 1.0)))
     au = _pick(_ge(c_hi, up), chord, steep * through_c)
     au = au * _gt(up, 0.0) * _gt(c_hi, lo)  # 0 where up <= 0 or lo >= c
     p = _at(lo, up, (0.0, c_hi))
@@ -144,8 +144,8 @@ def clip_relaxation(
     # Lower: Gl is 0 up to e = eps, the identity - eps to c, then c - eps (0 if c <= eps).
     if c_lo > eps:
         # The chord from (lo, lo - e) to (up, c - e), and the line through (e, 0) and (up, c - e).
-        bend = (c_lo - lo) / width
-        from_e = (torch.full_like(lo, c_lo) - eps) / _pick(_gt(up, eps), up - eps, 1.0)
+        bend = _slope(c_lo - lo, width)
+        from_e = _slope(torch.full_like(lo, c_lo) - eps, _pick(_gt(up, eps), up - eps, 1.0))
         flat = _gt(up - eps, eps - lo)
         inside = _ge(c_lo, up)
         al = _pick(
@@ -172,7 +172,8 @@ def clip_relaxation(
 # dozen selections: so they are arithmetic on 0/1 indicators (on the Fashion MLP's widest clipped
 # layer, 1.55 -> 1.06 ms per relaxation, bit for bit the same slopes and offsets). Each is exact
 # for finite values: the sign of a computed difference is that of the exact one, products with 0
-# or 1 are exact, and lerp with weight 0 or 1 returns one of its ends unchanged.
+# or 1 are exact, and lerp with weight 0 or 1 returns one of its ends unchanged; so every
+# operand, also of a branch not taken, must stay finite (``_slope``).
 def _gt(a: Tensor | float, b: Tensor | float) -> Tensor:
     """1.0 where ``a > b``, else 0.0."""
     return torch.sign(a - b).clamp_(min=0.0)
@@ -181,6 +182,14 @@ def _gt(a: Tensor | float, b: Tensor | float) -> Tensor:
 def _ge(a: Tensor | float, b: Tensor | float) -> Tensor:
     """1.0 where ``a >= b``, else 0.0."""
     return 1 - _gt(b, a)
+
+
+def _slope(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den`` clamped to [0, 1]. Where a slope is chosen, ``0 <= num <= den`` holds for the
+    computed operands (rounding is monotone), so the clamp changes nothing there; where it is
+    not, a tiny ``den`` could make the quotient infinite, and lerp's ``0 * inf`` would turn the
+    selection into NaN."""
+    return (num / den).clamp_(0.0, 1.0)
 
 
 def _pick(mask: Tensor, a: Tensor | float, b: Tensor | float) -> Tensor:
