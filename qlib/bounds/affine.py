@@ -60,32 +60,70 @@ class Affine(Layer):
         return self.module.weight[0].numel()
 
     def ibp(self, box: Interval, pert: Perturbation) -> Interval:
-        """The exact interval product for a non-negative input ``[l, u]``: with
-        ``Wu = W + eps_w`` and ``Wl = W - eps_w``, ``Wu⁺ u + Wu⁻ l + b + eps_b`` above and
-        ``Wl⁺ l + Wl⁻ u + b - eps_b`` below, each term its own weight's extreme (tighter than
-        the centre-radius rule by ``eps_w (u_j - l_j)`` per term), rounded outward."""
+        """The exact interval product for a non-negative input ``h`` in ``[l, l + d]``: since
+        ``h >= 0``, each weight's upper end ``W + eps_w`` maximises and its lower end minimises,
+        so with ``Wu = W + eps_w`` and ``Wl = W - eps_w`` the output lies between
+        ``W l - eps_w Σl + Wl⁻ d + b - eps_b`` and ``W l + eps_w Σl + Wu⁺ d + b + eps_b`` (``Σl``
+        over each output's receptive field). That is tighter than the centre-radius rule
+        ``|W| r + eps_w Σ max(|l|, |u|)`` by ``eps_w (u_j - l_j)`` per term, and takes three
+        products: the base ``W l`` and the two rises over the width ``d``.
+
+        Rounded outward. The base is computed in ``base_dtype`` (float64 for a Linear layer
+        even when the box is float32): its rounding error scales with ``|W| l``, which for a
+        narrow box is far larger than the width, while the rises' error scales with the width
+        itself; in float64 the base's margin may use the cheap bound ``max(l) Σ|W| >= |W| l``.
+        """
         lo, hi = box.lower, box.upper
+        dtype = lo.dtype
+        wide = self.base_dtype(dtype)
+        eps_w = rounding.ceil(pert.eps_weight, dtype)
+        eps_b = rounding.ceil(pert.eps_bias, dtype)
         W = self.weight(lo)
-        eps_w = rounding.ceil(pert.eps_weight, lo.dtype)
-        eps_b = rounding.ceil(pert.eps_bias, lo.dtype)
-        b = self.bias_map(lo)
-        Wu, Wl = (rounding.up(W + eps_w), rounding.down(W - eps_w)) if eps_w else (W, W)
-        top, bottom = self.apply(hi, Wu.clamp(min=0)), self.apply(hi, Wl.clamp(max=0))
-        upper = top + self.apply(lo, Wu.clamp(max=0)) + b
-        lower = self.apply(lo, Wl.clamp(min=0)) + bottom + b
-        if eps_b:
-            upper, lower = upper + eps_b, lower - eps_b
+        d = hi - lo  # its rounding is counted in the rises' margin
+        if eps_w:
+            rise_w = rounding.up(W + eps_w).clamp(min=0)
+            fall_w = rounding.down(W - eps_w).clamp(max=0)
+        else:
+            rise_w, fall_w = W.clamp(min=0), W.clamp(max=0)
+        rise, fall = self.apply(d, rise_w), self.apply(d, fall_w)
+        low = lo.to(wide)
+        Ww, b = self.weight(low), self.bias_map(low)
+        base = self.apply(low, Ww)
+        spread = eps_w * self.apply_ones(low) if eps_w else None
+        top, bottom, alpha = b + eps_b, b - eps_b, 1.0
         if rounding.enabled():
-            # Each side is two dot products of fan_in terms (any order inside), then three
-            # additions (the other product, b, eps_b): every term passes through at most
-            # fan_in + 3 roundings, so gamma_{fan_in + 3} covers it (not gamma of all
-            # 2 fan_in + 2 terms, which would assume one sum in any order and double the margin).
-            # Since Wl <= Wu and 0 <= l <= u, every term of either side is at most Wu⁺ u or
-            # |Wl⁻| u of its input, so Wu⁺ u - Wl⁻ u (two products already made) bounds both sums
-            # of absolute values: no fifth product.
-            m = rounding.margin(top - bottom + b.abs() + eps_b, self.fan_in + 3)
-            upper, lower = rounding.up(upper + m), rounding.down(lower - m)
+            # A rise's terms have one sign and fan_in + 1 roundings each (the width and the dot
+            # product): scaling it by 1 + factor covers them, relative to its computed value.
+            alpha = 1 + rounding.factor(self.fan_in + 1, dtype)
+            tiny = rounding.margin(torch.zeros((), dtype=dtype), self.fan_in + 1).item()
+            # Then every term of a side passes through at most fan_in + 6 roundings in ``wide``:
+            # its dot product, the sum for the spread, the scaling and four additions.
+            n = self.fan_in + 6
+            if wide == torch.float64:
+                # A row of bounds from the batch's largest input and width: loose, but gamma is
+                # 2^-53 times it, and a row costs no pass over the [N, out] result.
+                size = max(low.max().item(), alpha * d.max().item())  # both >= 0
+                rows = Ww.abs() + rise_w.to(wide) - fall_w.to(wide) + eps_w
+                total = size * rows.flatten(1).sum(1).reshape(b.shape) + b.abs() + eps_b
+                margin = rounding.margin(total, n) + tiny
+            else:
+                total = self.apply(low, Ww.abs()) + b.abs() + eps_b + alpha * (rise - fall)
+                margin = rounding.margin(total if spread is None else total + spread, n) + tiny
+            top, bottom = top + margin, bottom - margin
+        upper, lower = base + top, base + bottom
+        if spread is not None:
+            upper, lower = upper.add_(spread), lower.sub_(spread)
+        upper, lower = upper.add_(rise, alpha=alpha), lower.add_(fall, alpha=alpha)
+        if wide != dtype:
+            upper = rounding.convert(upper, dtype, "up")
+            lower = rounding.convert(lower, dtype, "down")
         return Interval(lower, upper)
+
+    def base_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The format of ``ibp``'s base product for a box in ``dtype``: float64 when margins are
+        on (a float64 matrix product costs about twice a float32 one on the CPU); without them
+        (training) the box's own."""
+        return torch.float64 if rounding.enabled() else dtype
 
     def backward(self, bound: LinearBound, pert: Perturbation) -> LinearBound:
         A = bound.A
@@ -224,6 +262,11 @@ class Conv2d(Affine):
 
     def bias_map(self, like: Tensor) -> Tensor:
         return self.bias(like).reshape(-1, 1, 1)
+
+    def base_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        # A float64 convolution runs up to 18x slower than a float32 one on the CPU (no oneDNN
+        # kernel): the base stays in the box's format, with its margin from |W| l.
+        return dtype
 
     def apply_per_sample(self, h: Tensor, W: Tensor, b: Tensor) -> Tensor:
         m, n = self.module, len(h)

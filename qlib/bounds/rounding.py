@@ -29,7 +29,17 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["check_arithmetic", "ceil", "down", "enabled", "factor", "margin", "outward", "up"]
+__all__ = [
+    "check_arithmetic",
+    "ceil",
+    "convert",
+    "down",
+    "enabled",
+    "factor",
+    "margin",
+    "outward",
+    "up",
+]
 
 _ENABLED = True
 
@@ -92,6 +102,16 @@ def up(x: Tensor) -> Tensor:
 def down(x: Tensor) -> Tensor:
     """The next float below ``x``."""
     return torch.nextafter(x, x.new_tensor(float("-inf"))) if _ENABLED else x
+
+
+def convert(x: Tensor, dtype: torch.dtype, side: str) -> Tensor:
+    """``x`` in the narrower ``dtype``, moved one step ``"up"`` or ``"down"``: a conversion
+    rounds to the nearest number, which may lie on the wrong side of ``x``; its neighbour on the
+    chosen side does not (two passes; testing which side it fell on would take five)."""
+    y = x.to(dtype)
+    if not _ENABLED or y.dtype == x.dtype:
+        return y
+    return up(y) if side == "up" else down(y)
 
 
 def ceil(value: float, dtype: torch.dtype) -> float:
