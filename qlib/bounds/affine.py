@@ -95,7 +95,7 @@ class Affine(Layer):
             # A rise's terms have one sign and fan_in + 1 roundings each (the width and the dot
             # product): scaling it by 1 + factor covers them, relative to its computed value.
             alpha = 1 + rounding.factor(self.fan_in + 1, dtype)
-            tiny = rounding.margin(torch.zeros((), dtype=dtype), self.fan_in + 1).item()
+            tiny = rounding.underflow(self.fan_in + 1, dtype)
             # Then every term of a side passes through at most fan_in + 6 roundings in ``wide``:
             # its dot product, the sum for the spread, the scaling and four additions.
             n = self.fan_in + 6

@@ -4,6 +4,7 @@ rounding slack of a back-substitution step, and the ``Flatten`` layer."""
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from abc import ABC, abstractmethod
@@ -55,6 +56,11 @@ def clip_of(pert: Perturbation) -> float | None:
 
 def floor(value: float, dtype: torch.dtype) -> float:
     """The largest number of ``dtype`` that is <= ``value``."""
+    return _floor(float(value), dtype)
+
+
+@functools.lru_cache(maxsize=4096)  # as rounding.ceil
+def _floor(value: float, dtype: torch.dtype) -> float:
     t = torch.tensor(value, dtype=dtype)
     if float(t) > value:
         t = torch.nextafter(t, torch.tensor(float("-inf"), dtype=dtype))

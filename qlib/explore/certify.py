@@ -116,8 +116,8 @@ def _layer_box(name: str, m: nn.Module) -> tuple[float, float, float, float]:
     b = torch.zeros(len(W), dtype=torch.float64) if m.bias is None else m.bias.double().abs()
     row = Wq.double().abs().reshape(len(W), -1).sum(1) * h_max + b
     n = W[0].numel() + 2
-    tiny = torch.finfo(torch.float32).smallest_normal * torch.finfo(torch.float32).eps
-    e = rounding.factor(n, torch.float32) * row.max().item() * (1 + 1e-9) + (n + 8) * tiny
+    e = rounding.factor(n, torch.float32) * row.max().item() * (1 + 1e-9)
+    e += rounding.underflow(n, torch.float32)
     memo[key] = clip, radius, _up(diff) if diff > 0 else 0.0, _up(e)
     return memo[key]
 
