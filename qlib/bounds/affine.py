@@ -152,15 +152,36 @@ class Affine(Layer):
     def step_slack(self, bound: LinearBound, pert: Perturbation) -> Tensor | None:
         """``bound.slack`` plus the rounding error of ``backward(bound)`` over the layer input
         ``h`` in ``[0, u_h]``: ``|A| (|W| + eps_w) u_h`` for ``A_in h`` and ``|A| (|b| + eps_b)``
-        for the constant. Per sample ``[N, S]`` even where ``A`` is shared."""
+        for the constant. Per sample ``[N, S]`` even where ``A`` is shared.
+
+        An entry of ``A_in`` sums over the outputs its input reaches (``fan_out``, plus the weight
+        term's three roundings); the constant over all outputs. The evaluation on absolute values
+        passes each term through ``fan_in`` more roundings (the product with ``u_h``)."""
         if not rounding.enabled():
             return bound.slack
         A = bound.A
         eps_w = rounding.ceil(pert.eps_weight, A.dtype)
         eps_b = rounding.ceil(pert.eps_bias, A.dtype)
         u_h = self.input_box().upper
-        v = self.apply(u_h, self.weight(A).abs() + eps_w) + self.bias_map(A).abs() + eps_b
-        return step_slack(bound, abs_dot(A, v), math.prod(self.out_shape) + 4)
+        outputs = math.prod(self.out_shape)
+        summed = outputs + self.fan_in + 4
+        coefficients = self.apply(u_h, self.weight(A).abs() + eps_w)
+        constant = self.bias_map(A).abs() + eps_b
+        if self.fan_out >= outputs:
+            return step_slack(bound, [(abs_dot(A, coefficients + constant), outputs + 4, summed)])
+        # A convolution's input reaches a few outputs of a large map: its own, smaller gamma.
+        return step_slack(
+            bound,
+            [
+                (abs_dot(A, coefficients), self.fan_out + 4, summed),
+                (abs_dot(A, constant.expand_as(coefficients)), outputs + 4, None),
+            ],
+        )
+
+    @property
+    def fan_out(self) -> int:
+        """At most how many outputs one input reaches (the terms of an entry of ``A W``)."""
+        return math.prod(self.out_shape)
 
     def sub_weight_term(
         self, A_in: Tensor, flat: Tensor, eps: float
@@ -262,6 +283,12 @@ class Conv2d(Affine):
 
     def bias_map(self, like: Tensor) -> Tensor:
         return self.bias(like).reshape(-1, 1, 1)
+
+    @property
+    def fan_out(self) -> int:
+        # An input position meets each kernel offset at most once (fewer with a stride), in
+        # every output channel.
+        return self.module.out_channels * math.prod(self.module.kernel_size)
 
     def base_dtype(self, dtype: torch.dtype) -> torch.dtype:
         # A float64 convolution runs up to 18x slower than a float32 one on the CPU (no oneDNN

@@ -185,19 +185,21 @@ def rowdot(A: Tensor, v: Tensor) -> Tensor:
     )
 
 
-def step_slack(
-    bound: LinearBound, abs_value: Tensor, n_terms: int, entries: Tensor | None = None
-) -> Tensor | None:
-    """The slack after one backward step: the old one plus the step's rounding margin, whose
-    evaluation on absolute values is ``abs_value`` ``[N, S]`` plus ``|const|``. ``entries``
-    (optional, ``[N, S]``): the evaluation on absolute values of coefficient errors that carry at
-    most three roundings each (an elementwise step), which need ``gamma_3``, not
-    ``gamma_{n_terms}``: the sum over the coefficients is the bound's, not a computed one."""
+def step_slack(bound: LinearBound, parts: list[tuple[Tensor, int, int | None]]) -> Tensor | None:
+    """The slack after one backward step: the old one plus the step's rounding margin.
+
+    ``parts``: triples ``(abs_value, n, summed)``, each the evaluation on absolute values
+    ``[N, S]`` of errors whose terms pass through at most ``n`` roundings, itself a computed sum
+    whose terms passed through at most ``summed`` (``None``: ``n``; see ``rounding.margin``).
+    An elementwise step's coefficient errors need ``gamma_3``, not the ``gamma`` of a dot
+    product: the sum over the coefficients is the bound's, not a computed one. ``|const|`` is
+    covered with the largest ``n``."""
     if not rounding.enabled():
         return bound.slack
-    step = rounding.margin(abs_value + bound.const.abs(), n_terms)
-    if entries is not None:
-        step = rounding.up(step + rounding.margin(entries, 3, summed=n_terms))
+    widest = max(n for _, n, _ in parts)
+    step = rounding.margin(bound.const.abs(), widest)
+    for abs_value, n, summed in parts:
+        step = rounding.up(step + rounding.margin(abs_value, n, summed))
     return step if bound.slack is None else rounding.up(bound.slack + step)
 
 

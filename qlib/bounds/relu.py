@@ -93,7 +93,8 @@ class ReLU(Layer):
             al0, bl0, au0, bu0 = (t.squeeze(1) for t in (al, bl, au, bu))
             z = torch.maximum(self.pre.lower.abs(), self.pre.upper.abs())
             entries = abs_dot(A, (2 * al0.abs() + au0.abs()) * z)
-            slack = step_slack(bound, abs_dot(A, 2 * bl0.abs() + bu0.abs()), k + 3, entries)
+            consts = abs_dot(A, 2 * bl0.abs() + bu0.abs())
+            slack = step_slack(bound, [(consts, k + 3, None), (entries, 3, k + 4)])
         return LinearBound(A_in, bound.const + const, slack)
 
     def perturbed(self, h: Tensor, dA: Tensor | None = None, clip: float | None = None) -> Tensor:
