@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from qlib import bounds
+from qlib import attack, bounds, models
 from qlib.bounds import rounding
 from qlib.quant import Perturbation
 
@@ -221,3 +221,22 @@ def test_float32_ibp_keeps_float64_tightness():
     assert (b32.lower.double() <= b64.lower + 1e-12).all()
     looser = (b32.upper - b32.lower).double().mean() / (b64.upper - b64.lower).mean() - 1
     assert 0 <= looser <= 1e-4, looser.item()
+
+
+def test_float32_convolution_bounds_are_sound_and_close():
+    """A convolution's float32 paths (its base product stays float32, its back-substitution
+    coefficients take gamma of the outputs one input reaches): every float32 bound contains
+    the attacked networks and the float64 bound, up to float64's own margin, and is close."""
+    net = models.cnn([1, 8, 8], 3, channels=(4, 6), hidden=8, seed=3)
+    X = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    pert = Perturbation.uniform(2.0**-9)
+    lo, hi = attack.attack_logits(net, X, pert, steps=4, vertices=8, bits=(4,), seed=3)
+    for method in bounds.METHODS:
+        b32 = bounds.logit_bounds(net, X, pert, method, dtype=torch.float32)
+        b64 = bounds.logit_bounds(net, X, pert, method)
+        assert b32.lower.dtype == torch.float32
+        assert (b32.lower.double() <= lo).all() and (hi <= b32.upper.double()).all(), method
+        assert (b32.lower.double() <= b64.lower + 1e-12).all(), method
+        assert (b64.upper - 1e-12 <= b32.upper.double()).all(), method
+        looser = (b32.upper - b32.lower).double().mean() / (b64.upper - b64.lower).mean() - 1
+        assert 0 <= looser <= 1e-2, (method, looser.item())
