@@ -148,6 +148,17 @@ def test_certified_objective_stored_and_resumed(prepared, workload, tmp_path):
     assert "certified" not in plain.model_dump(exclude_none=True)
 
 
+def test_certified_digest_follows_the_certificate_code(workload, monkeypatch):
+    """A fix to the bounds changes a certified workload's digest, so a rerun computes its
+    certificates again instead of resuming older values; other workloads keep theirs."""
+    plain = wl.load(TINY)
+    before, plain_before = workload.digest(), plain.digest()
+    assert wl.certificate_code() == wl.certificate_code()  # stable
+    monkeypatch.setattr(wl, "certificate_code", lambda: "changed")
+    assert workload.digest() != before
+    assert plain.digest() == plain_before
+
+
 def test_vacuous_box_is_uncertifiable_not_an_error(prepared):
     ev = prepared.evaluator
     cert = ev.certify([2] * 6)

@@ -37,6 +37,7 @@ __all__ = [
     "WeatherSpec",
     "Workload",
     "WorkloadError",
+    "certificate_code",
     "load",
     "override",
     "parse",
@@ -259,11 +260,30 @@ class Workload(_Strict):
             keep["certified"] = self.certified.model_dump(mode="json")
             if not self.certified.stop:  # added later: the default keeps older digests valid
                 del keep["certified"]["stop"]
+            # A certificate is only as good as the code that computed it: a fix to the bounds
+            # must not leave older values in a results file that a rerun resumes.
+            keep["certificate_code"] = certificate_code()
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def baseline_data(self) -> DatasetSpec:
         return self.datasets.baseline or self.datasets.exploration
+
+
+def certificate_code() -> str:
+    """Hash of the source that computes a certified objective (``qlib.bounds``, the genome box
+    of ``qlib.explore.certify`` and the quantisers it models); part of a certified workload's
+    digest."""
+    root = Path(__file__).resolve().parents[1]
+    files = sorted((root / "bounds").glob("*.py")) + [
+        root / "explore" / "certify.py",
+        root / "quant.py",
+    ]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def parse(raw: object, source: str = "<workload>") -> Workload:
