@@ -87,7 +87,7 @@ class Affine(Layer):
             rise_w, fall_w = W.clamp(min=0), W.clamp(max=0)
         rise, fall = self.apply(d, rise_w), self.apply(d, fall_w)
         low = lo.to(wide)
-        Ww, b = self.weight(low), self.bias_map(low)
+        Ww, b = (W if wide == dtype else self.weight(low)), self.bias_map(low)
         base = self.apply(low, Ww)
         spread = eps_w * self.apply_ones(low) if eps_w else None
         top, bottom, alpha = b + eps_b, b - eps_b, 1.0
