@@ -10,6 +10,7 @@ from torch import nn
 
 from qlib import attack, bounds, models
 from qlib.bounds.layers import clip_relaxation
+from qlib.bounds.relu import relax_together
 from qlib.quant import LayerPerturbation, Perturbation
 
 METHODS = ("ibp", "crown-ibp", "crown-fast", "crown")
@@ -142,3 +143,29 @@ def test_count_errors_name_the_layer():
         bounds.logit_bounds(net, X, (0.1, 0.1))
     with pytest.raises(ValueError, match="n_affine"):
         LayerPerturbation.uniform(Perturbation(), 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_relaxing_clipped_layers_together_matches_one_by_one(dtype: torch.dtype):
+    """``relax_together`` puts several layers' neurons side by side, each with its own clip and
+    eps (here also eps 0 and a clip below eps): bit for bit the relaxations of one layer at a time."""
+    g = torch.Generator().manual_seed(3)
+    specs = [((7,), 0.5, 0.01), ((2, 3, 3), 1.0, 0.0), ((5,), 0.004, 0.01), ((4,), 2.0, 0.3)]
+    pairs = []
+    for k, (shape, clip, eps) in enumerate(specs):
+        relu = bounds.ReLU(k, nn.ReLU(), shape)
+        lo = (torch.randn(6, *shape, generator=g) * clip).to(dtype)
+        up = lo + (torch.rand(6, *shape, generator=g) * clip).to(dtype)
+        relu.pre = bounds.Interval(lo, up)
+        pairs.append((relu, bounds.Clipped(eps_act=eps, clip=clip)))
+    alone = []
+    for relu, pert in pairs:
+        alone.append(relu.relaxation(pert))
+        relu._relaxed = None
+    relax_together(pairs)
+    for (relu, pert), expected in zip(pairs, alone, strict=True):
+        hit = relu._relaxed
+        assert hit is not None and hit[0] is relu.pre, "the relaxation is remembered for its box"
+        for got, want in zip(relu.relaxation(pert), expected, strict=True):
+            assert got.shape == want.shape and got.dtype == dtype
+            assert torch.equal(got, want)

@@ -21,6 +21,7 @@ from qlib.bounds import rounding
 from qlib.bounds.base import rowdot
 from qlib.bounds.layers import Affine, Clipped, Flatten, Layer, ReLU, clip_of, floor
 from qlib.bounds.perlayer import AnyPerturbation, Resolved, resolve
+from qlib.bounds.relu import relax_together
 from qlib.bounds.values import Interval, LinearBound
 from qlib.quant import LayerPerturbation, Perturbation
 
@@ -149,6 +150,7 @@ def backsubstitute(
     (``forward_bounds``). The result is rounded outward: the slack of every step and the
     rounding of this final concretisation are subtracted. ``pert``: uniform or per layer."""
     per = resolve(net, pert).layers
+    relax_together([(net[i], per[i]) for i in range(stop, top + 1) if isinstance(net[i], ReLU)])
     for i in range(top, stop - 1, -1):
         bound = net[i].backward(bound, per[i])
     box = boxes[stop]
