@@ -179,8 +179,12 @@ def test_bad_models_and_overflow():
     X = torch.rand(2, 4)
     pert = Perturbation.uniform(1e-3)
     model = _mlp(_random_net(0), torch.float32)
+    bounds.logit_bounds(model, X, pert)  # finite: remembered until the weight changes
     with torch.no_grad():
         model[0].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"parameter '0.weight' of the model is not finite"):
+        bounds.logit_bounds(model, X, pert)
+    model[0].weight.data = torch.full_like(model[0].weight, float("inf"))  # the same version
     with pytest.raises(ValueError, match=r"parameter '0.weight' of the model is not finite"):
         bounds.logit_bounds(model, X, pert)
     # A float64 model is bounded in float64 even when float32 is asked for.
@@ -240,3 +244,34 @@ def test_float32_convolution_bounds_are_sound_and_close():
         assert (b64.upper - 1e-12 <= b32.upper.double()).all(), method
         looser = (b32.upper - b32.lower).double().mean() / (b64.upper - b64.lower).mean() - 1
         assert 0 <= looser <= 1e-2, (method, looser.item())
+
+
+@pytest.mark.parametrize("change", ["in place", "assigned data", "new parameter"])
+def test_remembered_weight_terms_follow_the_weights(change: str):
+    """Weight-sized terms (``Affine.term``) are remembered across calls, since an exploration
+    bounds many boxes of one model; once a weight changes, in place, by assigning ``.data`` (which
+    keeps its version) or as a new parameter, the bounds are those of a fresh copy of the model
+    with the new weights, bit for bit."""
+    import copy
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(20, 12), nn.ReLU(), nn.Linear(12, 5))
+    X = torch.rand(6, 20)
+    pert = Perturbation.uniform(2.0**-8)
+    for method in ("ibp", "crown-ibp"):
+        for dtype in (torch.float32, torch.float64):
+            bounds.logit_bounds(model, X, pert, method, dtype=dtype)  # remember the terms
+    new = torch.randn(12, 20) * 0.3
+    with torch.no_grad():
+        if change == "in place":
+            model[0].weight.copy_(new)
+        elif change == "assigned data":
+            model[0].weight.data = new
+        else:
+            model[0].weight = nn.Parameter(new)
+    fresh = copy.deepcopy(model)
+    for method in ("ibp", "crown-ibp"):
+        for dtype in (torch.float32, torch.float64):
+            got = bounds.logit_bounds(model, X, pert, method, dtype=dtype)
+            want = bounds.logit_bounds(fresh, X, pert, method, dtype=dtype)
+            assert torch.equal(got.lower, want.lower) and torch.equal(got.upper, want.upper)

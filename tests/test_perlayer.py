@@ -169,3 +169,32 @@ def test_relaxing_clipped_layers_together_matches_one_by_one(dtype: torch.dtype)
         for got, want in zip(relu.relaxation(pert), expected, strict=True):
             assert got.shape == want.shape and got.dtype == dtype
             assert torch.equal(got, want)
+
+
+def test_remembered_intervals_are_exact_reuses():
+    """``remember_intervals``: an affine layer's IBP interval is reused only for the same
+    weights, radii and input interval; every bound is bit for bit the one computed afresh."""
+    from qlib.bounds.affine import IntervalMemo, remember_intervals
+
+    net = small_net("mlp", 4, 0)
+    X = torch.rand(5, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 3, 0])
+    boxes = [random_box(net, seed, clips=True) for seed in (1, 2)]
+    # Same first layer, different later radii: the first layer's interval is reused.
+    boxes.append(LayerPerturbation(**{**boxes[0].__dict__, "eps_act": (0.01, 0.02)}))
+    memo = IntervalMemo()
+    for box in boxes + boxes:
+        for Xs in (X, X[:3]):
+            fresh = bounds.margin_interval(net, Xs, y[: len(Xs)], box, "crown-ibp")
+            with remember_intervals(memo):
+                got = bounds.margin_interval(net, Xs, y[: len(Xs)], box, "crown-ibp")
+            assert torch.equal(got.lower, fresh.lower) and torch.equal(got.upper, fresh.upper)
+    first_pass = 3 * 2 * 3  # boxes x batches x affine layers
+    assert memo.misses == first_pass - 2  # the third box reuses the first layer, twice
+    assert memo.hits == first_pass + 2
+    with torch.no_grad():
+        net[1].weight.mul_(0.5)  # a changed weight is never served from the memo
+    with remember_intervals(memo):
+        got = bounds.margin_interval(net, X, y, boxes[0], "crown-ibp")
+    fresh = bounds.margin_interval(net, X, y, boxes[0], "crown-ibp")
+    assert torch.equal(got.lower, fresh.lower)

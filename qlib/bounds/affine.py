@@ -4,8 +4,13 @@ and differ only in how a weight is applied and transposed."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import weakref
 from abc import abstractmethod
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -16,14 +21,99 @@ from qlib.bounds.base import Layer, RowDelta, abs_dot, as_float64, step_slack
 from qlib.bounds.values import Interval, LinearBound
 from qlib.quant import Perturbation
 
-__all__ = ["Affine", "Conv2d", "Linear"]
+__all__ = ["Affine", "Conv2d", "IntervalMemo", "Linear", "remember_intervals"]
+
+# (id(weight), its storage, its version, name, eps_w, dtype, margins on) -> (weak reference to
+# the weight, tensor): the weight-sized terms of the interval product and of the step margins,
+# kept for the most recent radii up to a total size. An exploration certifies many genomes
+# whose layers share a weight radius (a bit width). Weak, so that the cache never keeps a
+# model's weights alive.
+_TERMS: OrderedDict[tuple, tuple[weakref.ref, Tensor]] = OrderedDict()
+_TERMS_BYTES = 64 * 2**20
+_terms_size = 0
+
+
+class IntervalMemo:
+    """Affine layers' IBP intervals, kept (up to ``max_bytes``, the least recently used going
+    first) by the layer's weight, radii, dtype and input interval, for ``remember_intervals``."""
+
+    def __init__(self, max_bytes: int = 64 * 2**20) -> None:
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[tuple, tuple] = OrderedDict()
+        self.size = 0
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple, weight: Tensor, box: Interval) -> Interval | None:
+        entry = self.entries.get(key)
+        # The key carries sums of the input interval; the comparison makes a hit exact.
+        if entry is not None and entry[0]() is weight:
+            inp, out = entry[1], entry[2]
+            if torch.equal(inp.lower, box.lower) and torch.equal(inp.upper, box.upper):
+                self.entries.move_to_end(key)
+                self.hits += 1
+                return out
+        self.misses += 1
+        return None
+
+    def put(self, key: tuple, weight: Tensor, box: Interval, out: Interval) -> None:
+        old = self.entries.pop(key, None)
+        if old is not None:
+            self.size -= old[3]
+        size = sum(t.nbytes for t in (box.lower, box.upper, out.lower, out.upper))
+        self.entries[key] = (weakref.ref(weight), box, out, size)
+        self.size += size
+        while self.size > self.max_bytes and len(self.entries) > 1:
+            self.size -= self.entries.popitem(last=False)[1][3]
+
+
+_MEMO: ContextVar[IntervalMemo | None] = ContextVar("qlib_bounds_memo", default=None)
+
+
+@contextlib.contextmanager
+def remember_intervals(memo: IntervalMemo) -> Iterator[None]:
+    """Inside the block, an affine layer's IBP interval is taken from ``memo`` when the same
+    layer (weights unchanged) meets the same radii and an input interval equal element by
+    element to one it met before, and stored there otherwise. For a caller that bounds one batch
+    under many perturbations whose first layers repeat: the genomes of an exploration share bit
+    widths, and the first layer of the Fashion MLP is most of its IBP time. Off by default, so
+    that a timed bound is computed."""
+    token = _MEMO.set(memo)
+    try:
+        yield
+    finally:
+        _MEMO.reset(token)
 
 
 class Affine(Layer):
     """``ẑ = (W + ΔW) h + (b + Δb)`` for a non-negative input ``h``; Linear or Conv2d subclasses."""
 
     def weight(self, like: Tensor) -> Tensor:
-        return self.module.weight.to(like.dtype)
+        return self.term("weight", 0.0, like.dtype, lambda: self.module.weight.to(like.dtype))
+
+    def term(
+        self, name: str, eps_w: float, dtype: torch.dtype, make: Callable[[], Tensor]
+    ) -> Tensor:
+        """``make()``: a tensor that depends only on this layer's weight, ``eps_w`` and ``dtype``
+        (and whether margins are on), remembered across calls (``_TERMS``) unless the weight
+        takes part in autograd."""
+        global _terms_size
+        w = self.module.weight
+        if w.requires_grad and torch.is_grad_enabled():
+            return make()
+        # Assigning ``weight.data`` keeps the version and moves the storage: both are checked.
+        key = (id(w), w.data_ptr(), w._version, name, eps_w, dtype, rounding.enabled())
+        hit = _TERMS.get(key)
+        if hit is not None and hit[0]() is w:
+            _TERMS.move_to_end(key)
+            return hit[1]
+        value = make().detach()
+        if hit is not None:
+            _terms_size -= hit[1].nbytes
+        _TERMS[key] = (weakref.ref(w), value)
+        _terms_size += value.nbytes
+        while _terms_size > _TERMS_BYTES and len(_TERMS) > 1:
+            _terms_size -= _TERMS.popitem(last=False)[1][1].nbytes
+        return value
 
     def bias(self, like: Tensor) -> Tensor:
         b = self.module.bias
@@ -73,6 +163,21 @@ class Affine(Layer):
         narrow box is far larger than the width, while the rises' error scales with the width
         itself; in float64 the base's margin may use the cheap bound ``max(l) Σ|W| >= |W| l``.
         """
+        memo, w = _MEMO.get(), self.module.weight
+        if memo is not None and not (w.requires_grad and torch.is_grad_enabled()):
+            key = (
+                id(w), w.data_ptr(), w._version, pert.eps_weight, pert.eps_bias,
+                rounding.enabled(), box.lower.dtype, box.lower.shape,
+                float(box.lower.sum()), float(box.upper.sum()),
+            )  # fmt: skip
+            out = memo.get(key, w, box)
+            if out is None:
+                out = self._ibp(box, pert)
+                memo.put(key, w, box, out)
+            return out
+        return self._ibp(box, pert)
+
+    def _ibp(self, box: Interval, pert: Perturbation) -> Interval:
         lo, hi = box.lower, box.upper
         dtype = lo.dtype
         wide = self.base_dtype(dtype)
@@ -80,14 +185,11 @@ class Affine(Layer):
         eps_b = rounding.ceil(pert.eps_bias, dtype)
         W = self.weight(lo)
         d = hi - lo  # its rounding is counted in the rises' margin
-        if eps_w:
-            rise_w = rounding.up(W + eps_w).clamp(min=0)
-            fall_w = rounding.down(W - eps_w).clamp(max=0)
-        else:
-            rise_w, fall_w = W.clamp(min=0), W.clamp(max=0)
+        rise_w = self.term("rise", eps_w, dtype, lambda: rounding.up(W + eps_w).clamp(min=0))
+        fall_w = self.term("fall", eps_w, dtype, lambda: rounding.down(W - eps_w).clamp(max=0))
         rise, fall = self.apply(d, rise_w), self.apply(d, fall_w)
         low = lo.to(wide)
-        Ww, b = (W if wide == dtype else self.weight(low)), self.bias_map(low)
+        Ww, b = self.weight(low), self.bias_map(low)
         base = self.apply(low, Ww)
         spread = eps_w * self.apply_ones(low) if eps_w else None
         top, bottom, alpha = b + eps_b, b - eps_b, 1.0
@@ -103,11 +205,19 @@ class Affine(Layer):
                 # A row of bounds from the batch's largest input and width: loose, but gamma is
                 # 2^-53 times it, and a row costs no pass over the [N, out] result.
                 size = max(low.max().item(), alpha * d.max().item())  # both >= 0
-                rows = Ww.abs() + rise_w.to(wide) - fall_w.to(wide) + eps_w
-                total = size * rows.flatten(1).sum(1).reshape(b.shape) + b.abs() + eps_b
+                rows = self.term(
+                    "rows",
+                    eps_w,
+                    dtype,
+                    lambda: (
+                        (Ww.abs() + rise_w.to(wide) - fall_w.to(wide) + eps_w).flatten(1).sum(1)
+                    ),
+                )
+                total = size * rows.reshape(b.shape) + b.abs() + eps_b
                 margin = rounding.margin(total, n) + tiny
             else:
-                total = self.apply(low, Ww.abs()) + b.abs() + eps_b + alpha * (rise - fall)
+                absW = self.term("abs", 0.0, dtype, Ww.abs)
+                total = self.apply(low, absW) + b.abs() + eps_b + alpha * (rise - fall)
                 margin = rounding.margin(total if spread is None else total + spread, n) + tiny
             top, bottom = top + margin, bottom - margin
         upper, lower = base + top, base + bottom
@@ -133,48 +243,58 @@ class Affine(Layer):
         eps_w = rounding.ceil(pert.eps_weight, A.dtype)
         eps_b = rounding.ceil(pert.eps_bias, A.dtype)
         A_in = self.apply_t(flat, W)
+        # |A|, once for the weight term, the bias term and the step's margin.
+        abs_flat = flat.abs() if eps_w or eps_b or rounding.enabled() else None
         l1 = None
         if eps_w:
             # Valid because the layer input is non-negative: min over ΔW of c^T ΔW h = -eps_w ||c||_1 1^T h
             # per output row, i.e. the transpose of an all-ones kernel applied to |c|.
-            A_in, l1 = self.sub_weight_term(A_in, flat, eps_w)
+            A_in, l1 = self.sub_weight_term(A_in, abs_flat, eps_w)
         const = self.bias_dot(flat)
         if eps_b:
             if l1 is None:
-                l1 = flat.flatten(1).abs().sum(1)
+                l1 = abs_flat.flatten(1).sum(1)
             const = const - eps_b * l1
         return LinearBound(
             A_in.reshape(*lead, *self.in_shape),
             bound.const + const.reshape(lead),
-            self.step_slack(bound, pert),
+            self.step_slack(bound, pert, abs_flat),
         )
 
-    def step_slack(self, bound: LinearBound, pert: Perturbation) -> Tensor | None:
+    def step_slack(
+        self, bound: LinearBound, pert: Perturbation, abs_A: Tensor | None = None
+    ) -> Tensor | None:
         """``bound.slack`` plus the rounding error of ``backward(bound)`` over the layer input
         ``h`` in ``[0, u_h]``: ``|A| (|W| + eps_w) u_h`` for ``A_in h`` and ``|A| (|b| + eps_b)``
         for the constant. Per sample ``[N, S]`` even where ``A`` is shared.
 
         An entry of ``A_in`` sums over the outputs its input reaches (``fan_out``, plus the weight
         term's three roundings); the constant over all outputs. The evaluation on absolute values
-        passes each term through ``fan_in`` more roundings (the product with ``u_h``)."""
+        passes each term through ``fan_in`` more roundings (the product with ``u_h``). ``abs_A``:
+        ``|A|`` if the caller has it (any shape with ``A``'s elements)."""
         if not rounding.enabled():
             return bound.slack
         A = bound.A
+        abs_A = A.abs() if abs_A is None else abs_A.reshape(A.shape)
         eps_w = rounding.ceil(pert.eps_weight, A.dtype)
         eps_b = rounding.ceil(pert.eps_bias, A.dtype)
         u_h = self.input_box().upper
         outputs = math.prod(self.out_shape)
         summed = outputs + self.fan_in + 4
-        coefficients = self.apply(u_h, self.weight(A).abs() + eps_w)
+        W = self.weight(A)
+        coefficients = self.apply(
+            u_h, self.term("abs+eps", eps_w, A.dtype, lambda: W.abs() + eps_w)
+        )
         constant = self.bias_map(A).abs() + eps_b
         if self.fan_out >= outputs:
-            return step_slack(bound, [(abs_dot(A, coefficients + constant), outputs + 4, summed)])
+            total = abs_dot(A, coefficients + constant, abs_A)
+            return step_slack(bound, [(total, outputs + 4, summed)])
         # A convolution's input reaches a few outputs of a large map: its own, smaller gamma.
         return step_slack(
             bound,
             [
-                (abs_dot(A, coefficients), self.fan_out + 4, summed),
-                (abs_dot(A, constant.expand_as(coefficients)), outputs + 4, None),
+                (abs_dot(A, coefficients, abs_A), self.fan_out + 4, summed),
+                (abs_dot(A, constant.expand_as(coefficients), abs_A), outputs + 4, None),
             ],
         )
 
@@ -184,10 +304,11 @@ class Affine(Layer):
         return math.prod(self.out_shape)
 
     def sub_weight_term(
-        self, A_in: Tensor, flat: Tensor, eps: float
+        self, A_in: Tensor, abs_flat: Tensor, eps: float
     ) -> tuple[Tensor, Tensor | None]:
-        """``A_in - eps * apply_t_ones(|flat|)`` and, when computed anyway, ``||flat||_1`` [B]."""
-        return A_in - eps * self.apply_t_ones(flat.abs()), None
+        """``A_in - eps * apply_t_ones(abs_flat)`` for ``abs_flat = |A|`` [B, *out_shape] and,
+        when computed anyway, ``||A||_1`` [B]."""
+        return A_in - eps * self.apply_t_ones(abs_flat), None
 
     def bias_dot(self, flat: Tensor) -> Tensor:
         """``A · b`` [B] for ``A`` [B, *out_shape]."""
@@ -236,11 +357,11 @@ class Linear(Affine):
         return A.sum(-1, keepdim=True).expand(*A.shape[:-1], self.module.in_features)
 
     def sub_weight_term(
-        self, A_in: Tensor, flat: Tensor, eps: float
+        self, A_in: Tensor, abs_flat: Tensor, eps: float
     ) -> tuple[Tensor, Tensor | None]:
         # Every input gets the same term eps ||c||_1: one norm, one in-place subtraction.
         # abs().sum() rather than vector_norm(ord=1): several times faster on the CPU.
-        l1 = flat.abs().sum(-1)
+        l1 = abs_flat.sum(-1)
         if A_in.requires_grad or l1.requires_grad:
             return A_in - eps * l1.unsqueeze(-1), l1
         return A_in.sub_(eps * l1.unsqueeze(-1)), l1

@@ -89,20 +89,22 @@ class RowDelta:
         return self.t.abs() * self.eps
 
 
-# id(parameter) -> (weak reference to it, its version, its float64 copy). Weak, so that the
-# cache never keeps a model's weights alive; dead entries are dropped on the next insertion.
-_FLOAT64: dict[int, tuple[weakref.ref, int, Tensor]] = {}
+# id(parameter) -> (weak reference to it, (its storage, its version), its float64 copy). Weak, so
+# that the cache never keeps a model's weights alive; dead entries go on the next insertion.
+_FLOAT64: dict[int, tuple[weakref.ref, tuple[int, int], Tensor]] = {}
 
 
 def as_float64(tensor: Tensor) -> Tensor:
     """``tensor`` in float64, converted once per version (attacks run thousands of forwards)."""
     hit = _FLOAT64.get(id(tensor))
-    if hit is not None and hit[0]() is tensor and hit[1] == tensor._version:
+    # Assigning ``.data`` moves the storage without a new version: both are checked.
+    version = (tensor.data_ptr(), tensor._version)
+    if hit is not None and hit[0]() is tensor and hit[1] == version:
         return hit[2]
     for key in [k for k, (ref, _, _) in _FLOAT64.items() if ref() is None]:
         del _FLOAT64[key]
     value = tensor.detach().to(torch.float64)
-    _FLOAT64[id(tensor)] = (weakref.ref(tensor), tensor._version, value)
+    _FLOAT64[id(tensor)] = (weakref.ref(tensor), version, value)
     return value
 
 
@@ -151,15 +153,17 @@ class Layer(ABC):
         return self.inp
 
 
-def abs_dot(A: Tensor, v: Tensor) -> Tensor:
+def abs_dot(A: Tensor, v: Tensor, abs_A: Tensor | None = None) -> Tensor:
     """``|A| · v`` per sample ``[N, S]`` for ``A`` ``[N, S, *shape]`` or ``[S, *shape]`` and
-    ``v`` ``[N, *shape]`` (the evaluation on absolute values that a rounding margin needs)."""
+    ``v`` ``[N, *shape]`` (the evaluation on absolute values that a rounding margin needs);
+    ``abs_A``: ``|A|`` when the caller has it already (one pass over ``A`` less)."""
     n, k = len(v), v[0].numel()
     per_sample = A.ndim == v.ndim + 1
     v = v.reshape(n, k)
+    abs_A = A.abs() if abs_A is None else abs_A
     if per_sample:
-        return rowdot(A.abs().reshape(n, -1, k), v)
-    return v @ A.abs().reshape(-1, k).T
+        return rowdot(abs_A.reshape(n, -1, k), v)
+    return v @ abs_A.reshape(-1, k).T
 
 
 # Elements of A per block of rowdot: the product's temporary stays in cache.

@@ -246,7 +246,7 @@ def forward_bounds(
         layer.inp = boxes[-1]
         if isinstance(layer, ReLU):
             box = layer.ibp(boxes[-1], per[i])
-            ibp = layer.ibp(ibp, per[i])
+            ibp = box if boxes[-1] is ibp else layer.ibp(ibp, per[i])
         else:
             ibp = layer.ibp(ibp, per[i])
             box = ibp if isinstance(layer, Affine) else layer.ibp(boxes[-1], per[i])

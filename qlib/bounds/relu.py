@@ -106,8 +106,9 @@ class ReLU(Layer):
             # two dot products of k terms and two additions: within gamma_{k+3} |A| (2|bl| + |bu|).
             al0, bl0, au0, bu0 = (t.squeeze(1) for t in (al, bl, au, bu))
             z = torch.maximum(self.pre.lower.abs(), self.pre.upper.abs())
-            entries = abs_dot(A, (2 * al0.abs() + au0.abs()) * z)
-            consts = abs_dot(A, 2 * bl0.abs() + bu0.abs())
+            abs_A = A.abs()
+            entries = abs_dot(A, (2 * al0.abs() + au0.abs()) * z, abs_A)
+            consts = abs_dot(A, 2 * bl0.abs() + bu0.abs(), abs_A)
             slack = step_slack(bound, [(consts, k + 3, None), (entries, 3, k + 4)])
         return LinearBound(A_in, bound.const + const, slack)
 

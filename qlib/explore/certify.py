@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from qlib import bounds
 from qlib.bounds import rounding
+from qlib.bounds.affine import IntervalMemo, remember_intervals
 from qlib.quant import LayerPerturbation
 
 __all__ = [
@@ -198,6 +199,9 @@ class Certifier:
     # (weak reference to the model, its parameters' versions, its float64 logits on X): the
     # same for every genome, so computed once.
     _nominal: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    # The IBP intervals of layers whose radii and input repeat between genomes (most often the
+    # first: its bits recur across a search), per process.
+    _memo: IntervalMemo = field(default_factory=IntervalMemo, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in CERTIFIED_KINDS:
@@ -232,10 +236,15 @@ class Certifier:
         return hit[2]
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_nominal": None}  # a weak reference does not pickle
+        # A weak reference does not pickle; the memo starts afresh in each worker.
+        return {**self.__dict__, "_nominal": None, "_memo": IntervalMemo()}
 
     def __call__(self, model: nn.Sequential, box: LayerPerturbation) -> Certificate:
         t0 = time.perf_counter()
+        with remember_intervals(self._memo):
+            return self._certify(model, box, t0)
+
+    def _certify(self, model: nn.Sequential, box: LayerPerturbation, t0: float) -> Certificate:
         dtype = getattr(torch, self.dtype)
         if self.kind == "discrepancy":
             p = bounds.probability_bounds(
