@@ -1,7 +1,8 @@
 """Certified mixed precision: the cost of the certified objective, and the start-up of a run.
 
     python benchmarks/bench_certified.py [--workload workloads/fashion_mlp_certified.yaml]
-                                         [--genomes 20] [--startup-runs 2] [--out FILE.json]
+                                         [--genomes 20] [--generations N] [--startup-runs 2]
+                                         [--out FILE.json]
 
 1. Per genome: the accuracy evaluation (fake-quantised forward over the exploration images)
    against the certified objective (genome box, then the workload's bound method over its
@@ -10,6 +11,8 @@
    evaluation (an evaluation at most 2x) on the Fashion MLP workload with ``crown-ibp`` over 256
    images. Measured with torch's threads, then again with one thread, as each Dask worker of an
    exploration runs.
+   Then the same two times per genome of the workload's own NSGA-II search, where genomes share
+   bit widths and the certifier reuses repeated layers' intervals.
 2. Start-up to the first evaluation of ``workloads/digits_tiny.yaml`` in a fresh interpreter,
    by phase (import torch, import qlib.explore, load the model and data, import ModelOpt,
    calibrate, build the evaluator, first evaluation). Target: under 15 s on 2 cores.
@@ -149,12 +152,63 @@ def _certified_cost(workload: Path, n: int) -> dict:
     }
 
 
+def search_cost(workload: Path, generations: int | None, threads: int | None = None) -> dict:
+    """Per genome of the workload's own NSGA-II search (``generations`` generations, ``None``: the
+    workload's; run serially in this process): the accuracy evaluation against the certificate, each timed where the
+    evaluator calls it. Unlike ``certified_cost``'s random genomes, a search's genomes share bit
+    widths, so the certifier reuses the IBP intervals of repeated leading layers
+    (``qlib.bounds.affine.remember_intervals``); its hits and misses are reported."""
+    import torch
+
+    from qlib.explore import context, run
+    from qlib.explore import workload as wl
+    from qlib.explore.store import Store
+
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        w = wl.load(workload)
+        p = context.prepare(w, skip_baseline=True)
+        ev = p.evaluator
+        seconds: dict[str, list[float]] = {"accuracy": [], "certify": []}
+        for name in seconds:
+            method = getattr(ev, name)
+
+            def timed(genome, method=method, name=name):
+                t0 = time.perf_counter()
+                out = method(genome)
+                seconds[name].append(time.perf_counter() - t0)
+                return out
+
+            setattr(ev, name, timed)  # this instance only: the search calls it as it would
+        store = Store(":memory:", w.digest(), w.name)
+        run.explore(p, store, generations=generations)  # no Dask client: in this process
+        memo = ev.certifier._memo
+        acc, cert = seconds["accuracy"], seconds["certify"]
+        return {
+            "genomes": len(cert),
+            "accuracy_s_median": statistics.median(acc),
+            "certificate_s_median": statistics.median(cert),
+            "ratio": statistics.median(cert) / statistics.median(acc),
+            "ratio_of_totals": sum(cert) / sum(acc),
+            "memo_hits": memo.hits,
+            "memo_misses": memo.misses,
+            "threads": torch.get_num_threads(),
+        }
+    finally:
+        torch.set_num_threads(old)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workload", type=Path, default=ROOT / "workloads/fashion_mlp_certified.yaml")
     ap.add_argument("--startup-workload", type=Path, default=ROOT / "workloads/digits_tiny.yaml")
     ap.add_argument("--genomes", type=int, default=20)
     ap.add_argument("--startup-runs", type=int, default=2)
+    ap.add_argument(
+        "--generations", type=int, help="generations of the timed search (default: the workload's)"
+    )
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
     result = {
@@ -162,6 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
         "certified_cost": certified_cost(a.workload, a.genomes),
         # The exploration's own setting: Dask workers of one thread each.
         "certified_cost_one_thread": certified_cost(a.workload, a.genomes, threads=1),
+        "search_cost": search_cost(a.workload, a.generations),
+        "search_cost_one_thread": search_cost(a.workload, a.generations, threads=1),
     }
     print(json.dumps(result, indent=2))
     if a.out:
