@@ -72,7 +72,7 @@ _MEMO: ContextVar[IntervalMemo | None] = ContextVar("qlib_bounds_memo", default=
 @contextlib.contextmanager
 def remember_intervals(memo: IntervalMemo) -> Iterator[None]:
     """Inside the block, an affine layer's IBP interval is taken from ``memo`` when the same
-    layer (weights unchanged) meets the same radii and an input interval equal element by
+    layer (weight and bias unchanged) meets the same radii and an input interval equal element by
     element to one it met before, and stored there otherwise. For a caller that bounds one batch
     under many perturbations whose first layers repeat: the genomes of an exploration share bit
     widths, and the first layer of the Fashion MLP is most of its IBP time. Off by default, so
@@ -163,12 +163,13 @@ class Affine(Layer):
         narrow box is far larger than the width, while the rises' error scales with the width
         itself; in float64 the base's margin may use the cheap bound ``max(l) Σ|W| >= |W| l``.
         """
-        memo, w = _MEMO.get(), self.module.weight
+        memo, w, b = _MEMO.get(), self.module.weight, self.module.bias
         if memo is not None and not (w.requires_grad and torch.is_grad_enabled()):
             key = (
-                id(w), w.data_ptr(), w._version, pert.eps_weight, pert.eps_bias,
-                rounding.enabled(), box.lower.dtype, box.lower.shape,
-                float(box.lower.sum()), float(box.upper.sum()),
+                id(w), w.data_ptr(), w._version,
+                None if b is None else (id(b), b.data_ptr(), b._version),
+                pert.eps_weight, pert.eps_bias, rounding.enabled(),
+                box.lower.dtype, box.lower.shape, float(box.lower.sum()), float(box.upper.sum()),
             )  # fmt: skip
             out = memo.get(key, w, box)
             if out is None:
