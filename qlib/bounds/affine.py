@@ -342,6 +342,9 @@ class Affine(Layer):
 
 
 class Linear(Affine):
+    def output_shape(self) -> tuple[int, ...]:
+        return (self.module.out_features,)  # layers() has checked the input's length
+
     def apply(self, x: Tensor, weight: Tensor) -> Tensor:
         return x @ weight.T
 

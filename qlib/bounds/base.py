@@ -121,10 +121,16 @@ class Layer(ABC):
         self.index = index
         self.module = module
         self.in_shape = in_shape
-        weight = getattr(module, "weight", None)
+        self.out_shape = self.output_shape()
+
+    def output_shape(self) -> tuple[int, ...]:
+        """The output shape (no batch dim), from one forward pass of a zero input (which also
+        raises a ``RuntimeError`` when ``in_shape`` does not fit); layers whose shape is plain
+        arithmetic compute it instead (a bound builds its layers on every call)."""
+        weight = getattr(self.module, "weight", None)
         dtype = weight.dtype if isinstance(weight, Tensor) else torch.get_default_dtype()
         with torch.no_grad():
-            self.out_shape = tuple(module(torch.zeros(1, *in_shape, dtype=dtype)).shape[1:])
+            return tuple(self.module(torch.zeros(1, *self.in_shape, dtype=dtype)).shape[1:])
 
     @abstractmethod
     def ibp(self, box: Interval, pert: Perturbation) -> Interval:
@@ -208,6 +214,9 @@ def step_slack(bound: LinearBound, parts: list[tuple[Tensor, int, int | None]]) 
 
 
 class Flatten(Layer):
+    def output_shape(self) -> tuple[int, ...]:
+        return (math.prod(self.in_shape),)
+
     def ibp(self, box: Interval, pert: Perturbation) -> Interval:
         return Interval(box.lower.flatten(1), box.upper.flatten(1))
 

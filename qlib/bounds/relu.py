@@ -20,6 +20,9 @@ class ReLU(Layer):
     """``ĥ = relu(ẑ) + δ >= 0``, ``|δ| <= eps_a``; ``pre`` (its input interval) holds the bounds
     on ``ẑ`` once known."""
 
+    def output_shape(self) -> tuple[int, ...]:
+        return self.in_shape
+
     @property
     def pre(self) -> Interval | None:
         return self.inp
