@@ -85,11 +85,23 @@ class ReLU(Layer):
             bu = _pick(unstable, rounding.up(bu + lift), bu)
         return self._remember(key, (al, bl, au, bu))
 
-    _relaxed: tuple | None = None  # (pre, (pert, margins on), relaxation)
+    _relaxed: tuple | None = None  # (pre, (pert, margins on), relaxation, margin vectors)
 
-    def _remember(self, key: tuple, relaxation: tuple) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        self._relaxed = (self.pre, key, relaxation)
+    def _remember(
+        self, key: tuple, relaxation: tuple, vectors: tuple | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        self._relaxed = (self.pre, key, relaxation, vectors)
         return relaxation
+
+    def margin_vectors(self, pert: Perturbation) -> tuple[Tensor, Tensor]:
+        """``(2|al| + |au|) max(|l|, |u|)`` and ``2|bl| + |bu|`` [N, *shape] of the relaxation:
+        what ``backward``'s rounding margin weighs ``|A|`` with, once per relaxation."""
+        relaxation = self.relaxation(pert)
+        pre, key, _, vectors = self._relaxed
+        if vectors is None:
+            vectors = _margin_vectors(*relaxation, self.pre.lower, self.pre.upper)
+            self._relaxed = (pre, key, relaxation, vectors)
+        return vectors
 
     def backward(self, bound: LinearBound, pert: Perturbation) -> LinearBound:
         al, bl, au, bu = (t.unsqueeze(1) for t in self.relaxation(pert))
@@ -107,11 +119,10 @@ class ReLU(Layer):
             # Each entry of A_in carries three roundings (A al, au - al, addcmul): its error is
             # within gamma_3 |A| (2|al| + |au|) and acts on |ẑ| <= max(|l|, |u|). The constant's
             # two dot products of k terms and two additions: within gamma_{k+3} |A| (2|bl| + |bu|).
-            al0, bl0, au0, bu0 = (t.squeeze(1) for t in (al, bl, au, bu))
-            z = torch.maximum(self.pre.lower.abs(), self.pre.upper.abs())
+            on_entries, on_consts = self.margin_vectors(pert)
             abs_A = A.abs()
-            entries = abs_dot(A, (2 * al0.abs() + au0.abs()) * z, abs_A)
-            consts = abs_dot(A, 2 * bl0.abs() + bu0.abs(), abs_A)
+            entries = abs_dot(A, on_entries, abs_A)
+            consts = abs_dot(A, on_consts, abs_A)
             slack = step_slack(bound, [(consts, k + 3, None), (entries, 3, k + 4)])
         return LinearBound(A_in, bound.const + const, slack)
 
@@ -219,10 +230,23 @@ def relax_together(pairs: Sequence[tuple[ReLU, Perturbation]]) -> None:
     c_hi = column([rounding.ceil(clip, dtype) for *_, clip in todo])
     c_lo = column([floor(clip, dtype) for *_, clip in todo])
     eps = column([rounding.ceil(pert.eps_act, dtype) for _, pert, *_ in todo])
-    parts = [t.split(sizes, 1) for t in _clip_relaxation(lo, up, c_hi, c_lo, eps)]
+    relaxation = _clip_relaxation(lo, up, c_hi, c_lo, eps)
+    vectors = _margin_vectors(*relaxation, lo, up) if rounding.enabled() else ()
+    parts = [t.split(sizes, 1) for t in relaxation]
+    vector_parts = [t.split(sizes, 1) for t in vectors]
     for k, (layer, _, key, _) in enumerate(todo):
         shape = layer.pre.lower.shape
-        layer._remember(key, tuple(part[k].reshape(shape) for part in parts))
+        layer._remember(
+            key,
+            tuple(part[k].reshape(shape) for part in parts),
+            tuple(part[k].reshape(shape) for part in vector_parts) or None,
+        )
+
+
+def _margin_vectors(
+    al: Tensor, bl: Tensor, au: Tensor, bu: Tensor, lo: Tensor, up: Tensor
+) -> tuple[Tensor, Tensor]:
+    return (2 * al.abs() + au.abs()) * torch.maximum(lo.abs(), up.abs()), 2 * bl.abs() + bu.abs()
 
 
 # Comparisons, boolean masks and torch.where cost 5-25x an arithmetic operation per element on
