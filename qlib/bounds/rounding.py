@@ -97,12 +97,17 @@ def margin(abs_value: Tensor, n: int, summed: int | None = None) -> Tensor:
 def up(x: Tensor) -> Tensor:
     """The next float above ``x``: an upper bound of the exact result of the one rounded
     operation that produced ``x``."""
-    return torch.nextafter(x, x.new_tensor(float("inf"))) if _ENABLED else x
+    return torch.nextafter(x, _infinity(x.dtype, x.device, 1.0)) if _ENABLED else x
 
 
 def down(x: Tensor) -> Tensor:
     """The next float below ``x``."""
-    return torch.nextafter(x, x.new_tensor(float("-inf"))) if _ENABLED else x
+    return torch.nextafter(x, _infinity(x.dtype, x.device, -1.0)) if _ENABLED else x
+
+
+@functools.lru_cache(maxsize=64)  # a bound rounds outward a few hundred times per call
+def _infinity(dtype: torch.dtype, device: torch.device, sign: float) -> Tensor:
+    return torch.tensor(sign * float("inf"), dtype=dtype, device=device)
 
 
 def convert(x: Tensor, dtype: torch.dtype, side: str) -> Tensor:
