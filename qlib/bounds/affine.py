@@ -8,7 +8,6 @@ import contextlib
 import math
 import weakref
 from abc import abstractmethod
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 
@@ -17,56 +16,53 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qlib.bounds import rounding
-from qlib.bounds.base import Layer, RowDelta, abs_dot, as_float64, step_slack
+from qlib.bounds.base import (
+    DERIVED,
+    BoundedCache,
+    Layer,
+    RowDelta,
+    abs_dot,
+    as_float64,
+    converted,
+    step_slack,
+    version,
+)
 from qlib.bounds.values import Interval, LinearBound
 from qlib.quant import Perturbation
 
 __all__ = ["Affine", "Conv2d", "IntervalMemo", "Linear", "remember_intervals"]
 
-# (id(weight), its storage, its version, name, eps_w, dtype, margins on) -> (weak reference to
-# the weight, tensor): the weight-sized terms of the interval product and of the step margins,
-# kept for the most recent radii up to a total size. An exploration certifies many genomes
-# whose layers share a weight radius (a bit width). Weak, so that the cache never keeps a
-# model's weights alive.
-_TERMS: OrderedDict[tuple, tuple[weakref.ref, Tensor]] = OrderedDict()
-_TERMS_BYTES = 64 * 2**20
-_terms_size = 0
 
-
-class IntervalMemo:
-    """Affine layers' IBP intervals, kept (up to ``max_bytes``, the least recently used going
-    first) by the layer's weight, radii, dtype and input interval, for ``remember_intervals``."""
+class IntervalMemo(BoundedCache):
+    """Affine layers' IBP intervals, kept (up to ``max_bytes``) by the layer's weight, radii,
+    dtype and input interval, for ``remember_intervals``."""
 
     def __init__(self, max_bytes: int = 64 * 2**20) -> None:
-        self.max_bytes = max_bytes
-        self.entries: OrderedDict[tuple, tuple] = OrderedDict()
-        self.size = 0
+        super().__init__(max_bytes)
         self.hits = self.misses = 0
 
     def get(self, key: tuple, weight: Tensor, box: Interval) -> Interval | None:
-        entry = self.entries.get(key)
+        hit = self.lookup(key)
         # The key carries sums of the input interval; the comparison makes a hit exact.
-        if entry is not None and entry[0]() is weight:
-            inp, out = entry[1], entry[2]
+        if hit is not None and hit[0]() is weight:
+            inp, out = hit[1], hit[2]
             if torch.equal(inp.lower, box.lower) and torch.equal(inp.upper, box.upper):
-                self.entries.move_to_end(key)
                 self.hits += 1
                 return out
         self.misses += 1
         return None
 
     def put(self, key: tuple, weight: Tensor, box: Interval, out: Interval) -> None:
-        old = self.entries.pop(key, None)
-        if old is not None:
-            self.size -= old[3]
         size = sum(t.nbytes for t in (box.lower, box.upper, out.lower, out.upper))
-        self.entries[key] = (weakref.ref(weight), box, out, size)
-        self.size += size
-        while self.size > self.max_bytes and len(self.entries) > 1:
-            self.size -= self.entries.popitem(last=False)[1][3]
+        self.store(key, (weakref.ref(weight), box, out), size)
 
 
 _MEMO: ContextVar[IntervalMemo | None] = ContextVar("qlib_bounds_memo", default=None)
+
+
+def _differentiable(w: Tensor) -> bool:
+    """Whether results from ``w`` must carry gradients (never remembered then)."""
+    return w.requires_grad and torch.is_grad_enabled()
 
 
 @contextlib.contextmanager
@@ -88,32 +84,20 @@ class Affine(Layer):
     """``ẑ = (W + ΔW) h + (b + Δb)`` for a non-negative input ``h``; Linear or Conv2d subclasses."""
 
     def weight(self, like: Tensor) -> Tensor:
-        return self.term("weight", 0.0, like.dtype, lambda: self.module.weight.to(like.dtype))
+        w = self.module.weight
+        return w.to(like.dtype) if _differentiable(w) else converted(w, like.dtype)
 
     def term(
         self, name: str, eps_w: float, dtype: torch.dtype, make: Callable[[], Tensor]
     ) -> Tensor:
         """``make()``: a tensor that depends only on this layer's weight, ``eps_w`` and ``dtype``
-        (and whether margins are on), remembered across calls (``_TERMS``) unless the weight
-        takes part in autograd."""
-        global _terms_size
+        (and whether margins are on), remembered across calls (``base.DERIVED``: an exploration
+        certifies many genomes whose layers share a weight radius) unless the weight takes part
+        in autograd."""
         w = self.module.weight
-        if w.requires_grad and torch.is_grad_enabled():
+        if _differentiable(w):
             return make()
-        # Assigning ``weight.data`` keeps the version and moves the storage: both are checked.
-        key = (id(w), w.data_ptr(), w._version, name, eps_w, dtype, rounding.enabled())
-        hit = _TERMS.get(key)
-        if hit is not None and hit[0]() is w:
-            _TERMS.move_to_end(key)
-            return hit[1]
-        value = make().detach()
-        if hit is not None:
-            _terms_size -= hit[1].nbytes
-        _TERMS[key] = (weakref.ref(w), value)
-        _terms_size += value.nbytes
-        while _terms_size > _TERMS_BYTES and len(_TERMS) > 1:
-            _terms_size -= _TERMS.popitem(last=False)[1][1].nbytes
-        return value
+        return DERIVED.get(w, (name, eps_w, dtype, rounding.enabled()), lambda: make().detach())
 
     def bias(self, like: Tensor) -> Tensor:
         b = self.module.bias
@@ -164,10 +148,9 @@ class Affine(Layer):
         itself; in float64 the base's margin may use the cheap bound ``max(l) Σ|W| >= |W| l``.
         """
         memo, w, b = _MEMO.get(), self.module.weight, self.module.bias
-        if memo is not None and not (w.requires_grad and torch.is_grad_enabled()):
+        if memo is not None and not _differentiable(w):
             key = (
-                id(w), w.data_ptr(), w._version,
-                None if b is None else (id(b), b.data_ptr(), b._version),
+                version(w), None if b is None else version(b),
                 pert.eps_weight, pert.eps_bias, rounding.enabled(),
                 box.lower.dtype, box.lower.shape, float(box.lower.sum()), float(box.upper.sum()),
             )  # fmt: skip

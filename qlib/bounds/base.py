@@ -4,16 +4,19 @@ rounding slack of a back-substitution step, and the ``Flatten`` layer."""
 
 from __future__ import annotations
 
-import functools
 import math
 import weakref
 from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from qlib.bounds import rounding
+from qlib.bounds.rounding import floor
 from qlib.bounds.values import Interval, LinearBound
 from qlib.quant import Perturbation
 
@@ -26,9 +29,16 @@ __all__ = [
     "rowdot",
     "clip_of",
     "as_float64",
+    "converted",
     "floor",
     "step_slack",
+    "DERIVED",
+    "BoundedCache",
+    "TensorMemo",
+    "version",
 ]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -54,19 +64,6 @@ def clip_of(pert: Perturbation) -> float | None:
     return pert.clip if isinstance(pert, Clipped) else None
 
 
-def floor(value: float, dtype: torch.dtype) -> float:
-    """The largest number of ``dtype`` that is <= ``value``."""
-    return _floor(float(value), dtype)
-
-
-@functools.lru_cache(maxsize=4096)  # as rounding.ceil
-def _floor(value: float, dtype: torch.dtype) -> float:
-    t = torch.tensor(value, dtype=dtype)
-    if float(t) > value:
-        t = torch.nextafter(t, torch.tensor(float("-inf"), dtype=dtype))
-    return float(t)
-
-
 @dataclass(frozen=True)
 class RowDelta:
     """A weight delta that is constant along each output row: ``dW[n, o, ...] = eps * t[n, o]``.
@@ -89,23 +86,69 @@ class RowDelta:
         return self.t.abs() * self.eps
 
 
-# id(parameter) -> (weak reference to it, (its storage, its version), its float64 copy). Weak, so
-# that the cache never keeps a model's weights alive; dead entries go on the next insertion.
-_FLOAT64: dict[int, tuple[weakref.ref, tuple[int, int], Tensor]] = {}
+def version(tensor: Tensor) -> tuple[int, int, int]:
+    """What identifies a tensor's current values: itself, its storage and its version (assigning
+    ``.data`` moves the storage and keeps the version; an in-place change bumps the version)."""
+    return id(tensor), tensor.data_ptr(), tensor._version
+
+
+class BoundedCache:
+    """Entries kept up to ``max_bytes`` (and 4096 entries), the least recently used dropped
+    first: the storage of ``TensorMemo`` and ``affine.IntervalMemo``."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[Hashable, tuple[object, int]] = OrderedDict()
+        self.size = 0
+
+    def lookup(self, key: Hashable) -> object | None:
+        hit = self.entries.get(key)
+        if hit is None:
+            return None
+        self.entries.move_to_end(key)
+        return hit[0]
+
+    def store(self, key: Hashable, value: object, size: int) -> None:
+        old = self.entries.pop(key, None)
+        if old is not None:
+            self.size -= old[1]
+        self.entries[key] = (value, size)
+        self.size += size
+        while len(self.entries) > 1 and (self.size > self.max_bytes or len(self.entries) > 4096):
+            self.size -= self.entries.popitem(last=False)[1][1]
+
+
+class TensorMemo(BoundedCache):
+    """Values derived from tensors (a weight in float64, its interval-product terms), each
+    remembered while its tensor is alive and unchanged (``version``). Weak: it never keeps a
+    model's weights alive."""
+
+    def get(self, tensor: Tensor, name: Hashable, make: Callable[[], T]) -> T:
+        """``make()``, remembered for ``tensor``'s current values under ``name``."""
+        key = (*version(tensor), name)
+        hit = self.lookup(key)
+        if hit is not None and hit[0]() is tensor:
+            return hit[1]
+        value = make()
+        self.store(
+            key, (weakref.ref(tensor), value), value.nbytes if isinstance(value, Tensor) else 0
+        )
+        return value
+
+
+# An exploration bounds one model under many boxes, and attacks run thousands of forwards: the
+# weight-sized values they derive are computed once per weight (and radius).
+DERIVED = TensorMemo(96 * 2**20)
+
+
+def converted(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor`` (detached) in ``dtype``, converted once per version."""
+    return DERIVED.get(tensor, ("to", dtype), lambda: tensor.detach().to(dtype))
 
 
 def as_float64(tensor: Tensor) -> Tensor:
     """``tensor`` in float64, converted once per version (attacks run thousands of forwards)."""
-    hit = _FLOAT64.get(id(tensor))
-    # Assigning ``.data`` moves the storage without a new version: both are checked.
-    version = (tensor.data_ptr(), tensor._version)
-    if hit is not None and hit[0]() is tensor and hit[1] == version:
-        return hit[2]
-    for key in [k for k, (ref, _, _) in _FLOAT64.items() if ref() is None]:
-        del _FLOAT64[key]
-    value = tensor.detach().to(torch.float64)
-    _FLOAT64[id(tensor)] = (weakref.ref(tensor), version, value)
-    return value
+    return converted(tensor, torch.float64)
 
 
 class Layer(ABC):

@@ -37,6 +37,7 @@ __all__ = [
     "down",
     "enabled",
     "factor",
+    "floor",
     "margin",
     "outward",
     "underflow",
@@ -123,16 +124,22 @@ def convert(x: Tensor, dtype: torch.dtype, side: str) -> Tensor:
 def ceil(value: float, dtype: torch.dtype) -> float:
     """The smallest number of ``dtype`` that is >= ``value`` (a radius must never shrink when
     it is converted to the format the bounds are computed in)."""
-    return _ceil(float(value), dtype)
+    return _toward(float(value), dtype, 1.0)
+
+
+def floor(value: float, dtype: torch.dtype) -> float:
+    """The largest number of ``dtype`` that is <= ``value``."""
+    return _toward(float(value), dtype, -1.0)
 
 
 # Bounds call these a few hundred times per call on a deep net, each a small tensor and a
 # read-back: remembered, they cost a dictionary lookup (a certificate spent 1-2 ms on them).
 @functools.lru_cache(maxsize=4096)
-def _ceil(value: float, dtype: torch.dtype) -> float:
+def _toward(value: float, dtype: torch.dtype, side: float) -> float:
+    """``value`` in ``dtype``, moved to the neighbour on ``side`` if the conversion crossed it."""
     t = torch.tensor(value, dtype=dtype)
-    if float(t) < value:
-        t = torch.nextafter(t, torch.tensor(float("inf"), dtype=dtype))
+    if (float(t) - value) * side < 0:
+        t = torch.nextafter(t, torch.tensor(side * float("inf"), dtype=dtype))
     return float(t)
 
 
