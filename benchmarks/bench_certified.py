@@ -21,11 +21,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -65,20 +67,28 @@ def startup(workload: Path, runs: int) -> list[dict]:
     return out
 
 
-def certified_cost(workload: Path, n: int, threads: int | None = None) -> dict:
-    """Median seconds of the accuracy evaluation and of the certificate over ``n`` genomes: the
-    workload's method, dtype and stop, then the alternatives, each with its median certified
-    value over the genomes that some variant certifies (lower is tighter). ``threads``: torch
-    threads for the measurement (default: as many as torch uses)."""
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[int]:
+    """Inside the block torch uses ``threads`` threads (``None``: as many as it uses); yields
+    the count."""
     import torch
 
     old = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return {**_certified_cost(workload, n), "threads": torch.get_num_threads()}
+        yield torch.get_num_threads()
     finally:
         torch.set_num_threads(old)
+
+
+def certified_cost(workload: Path, n: int, threads: int | None = None) -> dict:
+    """Median seconds of the accuracy evaluation and of the certificate over ``n`` genomes: the
+    workload's method, dtype and stop, then the alternatives, each with its median certified
+    value over the genomes that some variant certifies (lower is tighter). ``threads``: torch
+    threads for the measurement (default: as many as torch uses)."""
+    with torch_threads(threads) as count:
+        return {**_certified_cost(workload, n), "threads": count}
 
 
 def _certified_cost(workload: Path, n: int) -> dict:
@@ -154,20 +164,16 @@ def _certified_cost(workload: Path, n: int) -> dict:
 
 def search_cost(workload: Path, generations: int | None, threads: int | None = None) -> dict:
     """Per genome of the workload's own NSGA-II search (``generations`` generations, ``None``: the
-    workload's; run serially in this process): the accuracy evaluation against the certificate, each timed where the
-    evaluator calls it. Unlike ``certified_cost``'s random genomes, a search's genomes share bit
-    widths, so the certifier reuses the IBP intervals of repeated leading layers
-    (``qlib.bounds.affine.remember_intervals``); its hits and misses are reported."""
-    import torch
-
+    workload's; run serially in this process): the accuracy evaluation against the certificate,
+    each timed where the evaluator calls it. Unlike ``certified_cost``'s random genomes, a
+    search's genomes share bit widths, so the certifier reuses the IBP intervals of repeated
+    leading layers (``qlib.bounds.affine.remember_intervals``); its hits and misses are
+    reported."""
     from qlib.explore import context, run
     from qlib.explore import workload as wl
     from qlib.explore.store import Store
 
-    old = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads) as count:
         w = wl.load(workload)
         p = context.prepare(w, skip_baseline=True)
         ev = p.evaluator
@@ -194,10 +200,8 @@ def search_cost(workload: Path, generations: int | None, threads: int | None = N
             "ratio_of_totals": sum(cert) / sum(acc),
             "memo_hits": memo.hits,
             "memo_misses": memo.misses,
-            "threads": torch.get_num_threads(),
+            "threads": count,
         }
-    finally:
-        torch.set_num_threads(old)
 
 
 def main(argv: list[str] | None = None) -> dict:
