@@ -199,3 +199,43 @@ def test_remembered_intervals_are_exact_reuses():
             got = bounds.margin_interval(net, X, y, boxes[0], "crown-ibp")
         fresh = bounds.margin_interval(net, X, y, boxes[0], "crown-ibp")
         assert torch.equal(got.lower, fresh.lower) and torch.equal(got.upper, fresh.upper)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_remembered_input_terms_are_exact_reuses(arch: str, dtype: torch.dtype):
+    """Inside ``remember_intervals`` the input box and the parts of an affine layer's interval
+    that depend on the lower end of its input alone are reused when only the layer's radii
+    change: every bound stays bit for bit the one computed afresh, also for other images of the
+    same shape and sum, and after a weight changes."""
+    from qlib.bounds.affine import IntervalMemo, remember_intervals
+    from qlib.bounds.base import version
+
+    net = small_net(arch, 6, 3)
+    X = torch.rand(4, 1, 6, 6, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([0, 1, 2, 0])
+    first = random_box(net, 5, clips=True)
+    # The same input radius and clip, other weight and bias radii for the first layer.
+    other = LayerPerturbation(
+        **{
+            **first.__dict__,
+            "eps_weight": (first.eps_weight[0] / 3, *first.eps_weight[1:]),
+            "eps_bias": (first.eps_bias[0] * 2, *first.eps_bias[1:]),
+        }
+    )
+    memo = IntervalMemo()
+    first_affine = next(m for m in net if isinstance(m, nn.Linear | nn.Conv2d))
+    for Xs, ys, box in [(X, y, first), (X, y, other), (X.flip(0), y.flip(0), other)]:
+        with remember_intervals(memo):
+            got = bounds.margin_interval(net, Xs, ys, box, "crown-ibp", dtype=dtype)
+        fresh = bounds.margin_interval(net, Xs, ys, box, "crown-ibp", dtype=dtype)
+        assert torch.equal(got.lower, fresh.lower) and torch.equal(got.upper, fresh.upper)
+        if box is other and Xs is X:  # the radii are not in the key of the lower terms
+            assert [k[0] for k in memo.entries].count("input") == 1
+            assert sum(k[:2] == ("lower", version(first_affine.weight)) for k in memo.entries) == 1
+    with torch.no_grad():
+        first_affine.weight.mul_(0.5)
+    with remember_intervals(memo):
+        got = bounds.margin_interval(net, X, y, other, "crown-ibp", dtype=dtype)
+    fresh = bounds.margin_interval(net, X, y, other, "crown-ibp", dtype=dtype)
+    assert torch.equal(got.lower, fresh.lower) and torch.equal(got.upper, fresh.upper)

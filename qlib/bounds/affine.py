@@ -10,6 +10,7 @@ import weakref
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -30,31 +31,56 @@ from qlib.bounds.base import (
 from qlib.bounds.values import Interval, LinearBound
 from qlib.quant import Perturbation
 
-__all__ = ["Affine", "Conv2d", "IntervalMemo", "Linear", "remember_intervals"]
+__all__ = ["Affine", "Conv2d", "IntervalMemo", "Linear", "memo", "remember_intervals"]
+
+T = TypeVar("T")
 
 
 class IntervalMemo(BoundedCache):
-    """Affine layers' IBP intervals, kept (up to ``max_bytes``) by the layer's weight, radii,
-    dtype and input interval, for ``remember_intervals``."""
+    """Affine layers' IBP intervals, the input box, and the parts of an interval that depend on
+    its input alone, kept by the layer's weight, radii, dtype and input for
+    ``remember_intervals``, up to ``max_bytes`` counted per entry (entries share their input
+    tensors, so they take less). ``hits`` and ``misses`` count the intervals."""
 
-    def __init__(self, max_bytes: int = 64 * 2**20) -> None:
+    def __init__(self, max_bytes: int = 256 * 2**20) -> None:
         super().__init__(max_bytes)
         self.hits = self.misses = 0
 
-    def get(self, key: tuple, weight: Tensor, box: Interval) -> Interval | None:
+    def recall(
+        self,
+        key: tuple,
+        anchor: Tensor | None,
+        inputs: tuple[Tensor, ...],
+        make: Callable[[], T],
+        counted: bool = False,
+    ) -> T:
+        """``make()``, remembered under ``key`` for ``anchor`` (a weight, held weakly; ``None``:
+        none) and ``inputs``, compared element by element, so that a hit is exact (the key
+        should carry sums of the inputs, to tell entries apart). ``counted``: in ``hits`` and
+        ``misses``."""
         hit = self.lookup(key)
-        # The key carries sums of the input interval; the comparison makes a hit exact.
-        if hit is not None and hit[0]() is weight:
-            inp, out = hit[1], hit[2]
-            if torch.equal(inp.lower, box.lower) and torch.equal(inp.upper, box.upper):
-                self.hits += 1
-                return out
-        self.misses += 1
-        return None
+        if (
+            hit is not None
+            and (hit[0] is None if anchor is None else hit[0]() is anchor)
+            and all(torch.equal(a, b) for a, b in zip(hit[1], inputs, strict=True))
+        ):
+            self.hits += counted
+            return hit[2]
+        self.misses += counted
+        value = make()
+        parts = [*inputs, *(value if isinstance(value, tuple) else (value,))]
+        parts = [
+            t for p in parts for t in ((p.lower, p.upper) if isinstance(p, Interval) else (p,))
+        ]
+        size = sum(t.nbytes for t in parts if isinstance(t, Tensor))
+        ref = None if anchor is None else weakref.ref(anchor)
+        self.store(key, (ref, inputs, value), size)
+        return value
 
-    def put(self, key: tuple, weight: Tensor, box: Interval, out: Interval) -> None:
-        size = sum(t.nbytes for t in (box.lower, box.upper, out.lower, out.upper))
-        self.store(key, (weakref.ref(weight), box, out), size)
+
+def memo() -> IntervalMemo | None:
+    """The memo of the enclosing ``remember_intervals`` block, if any."""
+    return _MEMO.get()
 
 
 _MEMO: ContextVar[IntervalMemo | None] = ContextVar("qlib_bounds_memo", default=None)
@@ -150,15 +176,13 @@ class Affine(Layer):
         memo, w, b = _MEMO.get(), self.module.weight, self.module.bias
         if memo is not None and not _differentiable(w):
             key = (
-                version(w), None if b is None else version(b),
+                "interval", version(w), None if b is None else version(b),
                 pert.eps_weight, pert.eps_bias, rounding.enabled(),
                 box.lower.dtype, box.lower.shape, float(box.lower.sum()), float(box.upper.sum()),
             )  # fmt: skip
-            out = memo.get(key, w, box)
-            if out is None:
-                out = self._ibp(box, pert)
-                memo.put(key, w, box, out)
-            return out
+            return memo.recall(
+                key, w, (box.lower, box.upper), lambda: self._ibp(box, pert), counted=True
+            )
         return self._ibp(box, pert)
 
     def _ibp(self, box: Interval, pert: Perturbation) -> Interval:
@@ -172,10 +196,9 @@ class Affine(Layer):
         rise_w = self.term("rise", eps_w, dtype, lambda: rounding.up(W + eps_w).clamp(min=0))
         fall_w = self.term("fall", eps_w, dtype, lambda: rounding.down(W - eps_w).clamp(max=0))
         rise, fall = self.apply(d, rise_w), self.apply(d, fall_w)
-        low = lo.to(wide)
-        Ww, b = self.weight(low), self.bias_map(low)
-        base = self.apply(low, Ww)
-        spread = eps_w * self.apply_ones(low) if eps_w else None
+        base, ones, low_max, abs_base = self.lower_terms(lo)
+        Ww, b = self.weight(base), self.bias_map(base)
+        spread = eps_w * ones if eps_w else None
         top, bottom, alpha = b + eps_b, b - eps_b, 1.0
         if rounding.enabled():
             # A rise's terms have one sign and fan_in + 1 roundings each (the width and the dot
@@ -188,7 +211,7 @@ class Affine(Layer):
             if wide == torch.float64:
                 # A row of bounds from the batch's largest input and width: loose, but gamma is
                 # 2^-53 times it, and a row costs no pass over the [N, out] result.
-                size = max(low.max().item(), alpha * d.max().item())  # both >= 0
+                size = max(low_max, alpha * d.max().item())  # both >= 0
                 rows = self.term(
                     "rows",
                     eps_w,
@@ -200,8 +223,7 @@ class Affine(Layer):
                 total = size * rows.reshape(b.shape) + b.abs() + eps_b
                 margin = rounding.margin(total, n) + tiny
             else:
-                absW = self.term("abs", 0.0, dtype, Ww.abs)
-                total = self.apply(low, absW) + b.abs() + eps_b + alpha * (rise - fall)
+                total = abs_base + b.abs() + eps_b + alpha * (rise - fall)
                 margin = rounding.margin(total if spread is None else total + spread, n) + tiny
             top, bottom = top + margin, bottom - margin
         upper, lower = base + top, base + bottom
@@ -212,6 +234,28 @@ class Affine(Layer):
             upper = rounding.convert(upper, dtype, "up")
             lower = rounding.convert(lower, dtype, "down")
         return Interval(lower, upper)
+
+    def lower_terms(self, lo: Tensor) -> tuple[Tensor, Tensor, float, Tensor | None]:
+        """What ``ibp`` takes from the lower end ``lo`` of its box alone, in ``base_dtype``: the
+        base ``W l``, the sums ``Σl`` over each output's receptive field, and for the margins
+        ``max l`` (float64 base) or ``|W| l`` (a base in the box's format). Remembered inside
+        ``remember_intervals``: the input of the first layer repeats far more often than its
+        radii do (an exploration's genomes share the input's bit width)."""
+        memo, w = _MEMO.get(), self.module.weight
+        if memo is None or _differentiable(w):
+            return self._lower_terms(lo)
+        key = ("lower", version(w), rounding.enabled(), lo.dtype, lo.shape, float(lo.sum()))
+        return memo.recall(key, w, (lo,), lambda: self._lower_terms(lo))
+
+    def _lower_terms(self, lo: Tensor) -> tuple[Tensor, Tensor, float, Tensor | None]:
+        low = lo.to(self.base_dtype(lo.dtype))
+        Ww = self.weight(low)
+        base, ones = self.apply(low, Ww), self.apply_ones(low)
+        if not rounding.enabled():
+            return base, ones, 0.0, None
+        if low.dtype == torch.float64:
+            return base, ones, low.max().item(), None
+        return base, ones, 0.0, self.apply(low, self.term("abs", 0.0, lo.dtype, Ww.abs))
 
     def base_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The format of ``ibp``'s base product for a box in ``dtype``: float64 when margins are

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from qlib.bounds import rounding
+from qlib.bounds import affine, rounding
 from qlib.bounds.base import rowdot
 from qlib.bounds.layers import Affine, Clipped, Flatten, Layer, ReLU, clip_of, floor
 from qlib.bounds.perlayer import AnyPerturbation, Resolved, resolve
@@ -136,6 +136,16 @@ def input_box(
     )
 
 
+def _remembered_input_box(X: Tensor, pert: Resolved) -> Interval:
+    """``input_box(X, pert)``, from the memo of an enclosing ``remember_intervals`` when the
+    same images met the same input radius before (it is a few passes over the whole input)."""
+    memo = affine.memo()
+    if memo is None or X.requires_grad:
+        return input_box(X, pert, X.dtype)
+    key = ("input", pert.input, rounding.enabled(), X.dtype, X.shape, float(X.sum()))
+    return memo.recall(key, None, (X,), lambda: input_box(X, pert, X.dtype))
+
+
 def backsubstitute(
     net: Sequence[Layer],
     top: int,
@@ -236,7 +246,7 @@ def forward_bounds(
     cache = {} if cache is None else cache
     pert = resolve(net, pert)
     per = pert.layers
-    boxes = [input_box(X, pert, X.dtype)]
+    boxes = [_remembered_input_box(X, pert)]
     ibp = boxes[0]  # the IBP chain, never intersected: the same on every path
     stop = fast_stop(net) if method == "crown-fast" else affine[crown.intermediate_stop]
     hidden = [i for i in affine[:-1] if i > stop]

@@ -85,7 +85,9 @@ def _affine_names(model: nn.Module) -> list[str]:
 
 # A layer's part of the box depends only on its own bits, range and weights: remembered per
 # module, so that a run pays ModelOpt's weight quantiser once per layer and bit width rather than
-# once per genome (it was about a tenth of a certificate's time on the Fashion MLP).
+# once per genome (it was about a tenth of a certificate's time on the Fashion MLP). Two levels:
+# the whole part per (input bits, weight bits), and the weight quantiser's share per weight bits
+# alone, which a search meets again with every input bit width.
 _LAYER_BOXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -95,27 +97,33 @@ def _layer_box(name: str, m: nn.Module) -> tuple[float, float, float, float]:
     if iq.amax is None:
         raise CertifyError(f"layer {name!r} has no calibrated input range (amax)")
     W = m.weight.detach()
-    key = (
-        float(iq.amax),
-        int(iq.num_bits),
-        bool(iq.unsigned),
+    weight_key = (
         int(wq.num_bits),
         bool(wq.is_enabled),
         None if wq.amax is None else tuple(wq.amax.flatten().tolist()),
         W.data_ptr(),
         W._version,
+    )
+    key = (
+        float(iq.amax),
+        int(iq.num_bits),
+        bool(iq.unsigned),
+        weight_key,
         None if m.bias is None else (m.bias.data_ptr(), m.bias._version),
     )
     memo = _LAYER_BOXES.setdefault(m, {})
     if key in memo:
         return memo[key]
+    if ("weight", weight_key) not in memo:
+        with torch.no_grad():
+            Wq = wq(W) if wq.is_enabled else W
+        diff = (W.double() - Wq.double()).abs().max().item()  # exact: float32 differences
+        memo["weight", weight_key] = diff, Wq.double().abs().reshape(len(W), -1).sum(1)
+    diff, abs_rows = memo["weight", weight_key]
     clip, radius = quantizer_clip(key[0], key[1], key[2])
-    with torch.no_grad():
-        Wq = wq(W) if wq.is_enabled else W
-    diff = (W.double() - Wq.double()).abs().max().item()  # exact: float32 differences
     h_max = _up(clip + radius)
     b = torch.zeros(len(W), dtype=torch.float64) if m.bias is None else m.bias.double().abs()
-    row = Wq.double().abs().reshape(len(W), -1).sum(1) * h_max + b
+    row = abs_rows * h_max + b
     n = W[0].numel() + 2
     e = rounding.factor(n, torch.float32) * row.max().item() * (1 + 1e-9)
     e += rounding.underflow(n, torch.float32)
