@@ -363,6 +363,41 @@ def test_margin_interval_and_probability_bounds_contain_attacked_networks():
         bounds.margin_interval(net, X, y[:3], pert, "crown")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_certified_discrepancy_is_the_two_sided_one_and_holds(dtype: torch.dtype):
+    """``certified_discrepancy`` back-substitutes the upper margins only where they can decide:
+    it gives the discrepancy of ``probability_bounds`` (both sides for every image), holds for
+    perturbed networks, and here both kinds of image occur (the upper side deciding or not)."""
+    net = small_net("mlp", 5, 7)
+    X = torch.rand(40, 1, 5, 5, generator=torch.Generator().manual_seed(7))
+    y = torch.randint(0, 4, (40,), generator=torch.Generator().manual_seed(8))
+    pert = Perturbation.uniform(1 / 64)
+    f = bounds.float_logits(net, X)
+    p0 = torch.softmax(f, 1).gather(1, y[:, None])[:, 0]
+    gen = torch.Generator().manual_seed(0)
+    zs = [f]
+    for _ in range(32):
+        v = attack.random_vertex(net, X, pert, gen)
+        zs.append(attack.perturbed_forward(net, X, pert, dW=v.dW, db=v.db, dA=v.dA, dX=v.dX))
+    for method in ("ibp", "crown-ibp", "crown"):
+        p = bounds.probability_bounds(net, X, y, pert, method, dtype=dtype)
+        upper_decides = p.upper - p0 > p0 - p.lower
+        assert 0 < int(upper_decides.sum()) < len(X), method
+        want = torch.maximum(p.upper - p0, p0 - p.lower)
+        got = bounds.certified_discrepancy(net, X, y, pert, method, dtype=dtype)
+        # Up to the rounding of the smaller products for the images whose upper side decides.
+        tol = 1e-12 if dtype == torch.float64 else 1e-7
+        assert torch.allclose(got, want, rtol=0, atol=tol), method
+        # Chunks of samples (here of 7) select their own images against their own p0.
+        chunked = bounds.certified_discrepancy(net, X, y, pert, method, dtype=dtype, chunk=7)
+        assert torch.allclose(chunked, want, rtol=0, atol=tol), method
+        for z in zs:
+            prob = torch.softmax(z, 1).gather(1, y[:, None])[:, 0]
+            assert ((prob - p0).abs() <= got).all(), method
+    with pytest.raises(ValueError, match=r"p0 must have shape \(40,\)"):
+        bounds.certified_discrepancy(net, X, y, pert, "crown", p0=p0[:3])
+
+
 def test_chunking_does_not_change_bounds():
     net = small_net("cnn", 6, 1)
     X = torch.rand(7, 1, 6, 6)

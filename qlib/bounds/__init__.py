@@ -65,7 +65,7 @@ per-layer objects with their IBP, back-substitution and concrete perturbed rules
 (``forward_bounds``, ``backsubstitute``, ``unstable``), ``methods`` (``logit_bounds``,
 ``margin_bounds``, ``margin_interval``, ``margins_and_logits``, ``bound_coefficients`` and the
 registry of methods by name), ``measures`` (``worst_case_discrepancy``, ``probability_bounds``,
-``verified_accuracy``).
+``certified_discrepancy``, ``verified_accuracy``).
 """
 
 from qlib.bounds.layers import (
@@ -83,6 +83,7 @@ from qlib.bounds.layers import (
 from qlib.bounds.measures import (
     Discrepancy,
     Verification,
+    certified_discrepancy,
     float_logits,
     probability_bounds,
     verified_accuracy,
@@ -137,6 +138,7 @@ __all__ = [
     "available_methods",
     "backsubstitute",
     "bound_coefficients",
+    "certified_discrepancy",
     "clip_of",
     "float_logits",
     "forward_bounds",

@@ -29,6 +29,7 @@ from qlib.quant import LayerPerturbation, Perturbation
 __all__ = [
     "Discrepancy",
     "Verification",
+    "certified_discrepancy",
     "float_logits",
     "probability_bounds",
     "verified_accuracy",
@@ -119,6 +120,56 @@ def probability_bounds(
     widened by 1e-13 for the rounding of ``exp`` and ``log``, which are not correctly rounded.
     """
     return _probability(margin_interval(model, X, y, pert, method, options=options, dtype=dtype))
+
+
+def certified_discrepancy(
+    model: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    pert: Perturbation | LayerPerturbation,
+    method: Method | str = "ibp",
+    *,
+    p0: Tensor | None = None,
+    options: Options | None = None,
+    dtype: torch.dtype = torch.float64,
+    chunk: int | None = None,
+) -> Tensor:
+    """Per sample ``[N]`` the certified discrepancy ``max(p_best - p0, p0 - p_worst)`` from
+    ``probability_bounds``, at about half its cost: the upper margins, which bound ``p_best``,
+    are back-substituted only for the samples where they can decide it.
+
+    The lower margins give ``p_worst``; the logit interval gives a first ``p_best``. Where that
+    one already has ``p_best - p0 <= p0 - p_worst``, no tighter ``p_best`` can change the result,
+    which is ``p0 - p_worst``, as sound as ``probability_bounds``' (on the Fashion-MNIST MLP's
+    genome boxes this held for about seven images in eight). The others get both sides, from a
+    second back-substitution on their slices of the same intervals. NaN where a bound is not
+    finite. ``p0``: the nominal true-class probabilities ``[N]`` (float64), if the caller has
+    them; ``chunk``: samples per pass (``margins_and_logits``)."""
+    if p0 is None:
+        with torch.no_grad():
+            f = float_logits(model, X)
+        p0 = torch.softmax(f, 1).gather(1, check_labels(y, len(X), f.shape[1])[:, None])[:, 0]
+    elif p0.shape != (len(X),):
+        raise ValueError(f"p0 must have shape ({len(X)},), got {tuple(p0.shape)}")
+
+    def need(margins: Interval, start: int) -> Tensor:
+        p, q = _probability(margins), p0[start : start + len(margins.lower)]
+        return p.upper - q > q - p.lower
+
+    margins, _ = margins_and_logits(
+        model,
+        X,
+        y,
+        pert,
+        method,
+        options=options,
+        dtype=dtype,
+        chunk=chunk,
+        upper=need,
+        logits=False,
+    )
+    p = _probability(margins)
+    return torch.maximum(p.upper - p0, p0 - p.lower)
 
 
 # exp and log are not correctly rounded, but the C library keeps them within a few units in the

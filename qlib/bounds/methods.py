@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from qlib.bounds import rounding
 from qlib.bounds.base import DERIVED
-from qlib.bounds.layers import ReLU, layers
-from qlib.bounds.perlayer import AnyPerturbation, check_perturbation, resolve
+from qlib.bounds.layers import Layer, ReLU, layers
+from qlib.bounds.perlayer import AnyPerturbation, Resolved, check_perturbation, resolve
 from qlib.bounds.propagation import (
     CrownIbpOptions,
     CrownOptions,
@@ -327,7 +327,7 @@ def margins_and_logits(
     options: Options | None = None,
     dtype: torch.dtype = torch.float64,
     chunk: int | None = None,
-    upper: bool = True,
+    upper: bool | Callable[[Interval, int], Tensor] = True,
     logits: bool = True,
 ) -> tuple[Interval, Interval]:
     """Bounds ``[N, C]`` on the margins ``logit_y - logit_j`` (entry ``y`` is 0) and on the logits,
@@ -338,8 +338,12 @@ def margins_and_logits(
     ``logit_bounds``. Each margin side is the tighter of its spec row and of the difference of
     the logit bounds; each logit bound the tighter of its row and of IBP's. Without ``upper``
     the upper margins, and without ``logits`` the logits, come from the logit interval alone (the
-    IBP interval, for the linear methods). A registered method gives its logit bounds and their
-    differences. float32 bounds that overflow are recomputed in float64 with a warning.
+    IBP interval, for the linear methods). ``upper`` may instead select the samples that need
+    their upper margins: called with a chunk's margins (upper ends from the logit interval) and
+    the index of its first sample, it returns a mask ``[n]``, and the negated rows are then
+    back-substituted for those samples only, on the chunk's intervals. A registered method gives
+    its logit bounds and their differences. float32 bounds that overflow are recomputed in
+    float64 with a warning.
     """
     _check_method(method, options)
     _check_inputs(model, X, pert)
@@ -357,17 +361,18 @@ def margins_and_logits(
     if len(net[-1].out_shape) != 1:
         raise ValueError("margin bounds need a flat logit layer [N, classes]")
     y = check_labels(y, len(X), classes)
-    rows = (classes - 1) * (2 if upper else 1) + (2 * classes if logits else 0)
+    both = upper is True
+    rows = (classes - 1) * (2 if both else 1) + (2 * classes if logits else 0)
     step = chunk or chunk_size(len(X), rows, net)
     stop = 0 if method in ("crown-fast", "crown") else logit_stop(net, method, options)
 
-    def bound(xs: Tensor, ys: Tensor) -> tuple[Interval, Interval]:
+    def bound(xs: Tensor, ys: Tensor, start: int) -> tuple[Interval, Interval]:
         n, dt = len(xs), xs.dtype
         boxes = forward_bounds(net, xs, pert, method, options)
         eye = torch.eye(classes, dtype=dt)
         C = eye[ys].unsqueeze(1) - eye.unsqueeze(0)  # [n, classes, classes]: row j = e_y - e_j
         C = C.gather(1, _others(ys, classes)[..., None].expand(-1, -1, classes))
-        spec = [C, -C] if upper else [C]
+        spec = [C, -C] if both else [C]
         if logits:
             spec += [eye.expand(n, -1, -1), -eye.expand(n, -1, -1)]
         spec = torch.cat(spec, 1)
@@ -382,7 +387,10 @@ def margins_and_logits(
         if logits:
             end = spec.shape[1] - 2 * classes
             box = Interval(low[:, end : end + classes], -low[:, end + classes :]).intersect(box)
-        return margins_of(box, ys, low, upper), box
+        margins = margins_of(box, ys, low, both)
+        if callable(upper) and classes > 1:
+            margins = _upper_where(margins, upper(margins, start), net, boxes, pert, C, ys, stop)
+        return margins, box
 
     parts = []
     with torch.no_grad():
@@ -390,7 +398,7 @@ def margins_and_logits(
             xs, ys = X[start : start + step], y[start : start + step]
             # An overflowing chunk comes back in float64, and the concatenation promotes.
             part = _unless_overflow(
-                lambda dt, xs=xs, ys=ys: bound(xs.to(dt), ys),
+                lambda dt, xs=xs, ys=ys, start=start: bound(xs.to(dt), ys, start),
                 dtype,
                 lambda p: (t for iv in p for t in (iv.lower, iv.upper)),
             )
@@ -400,6 +408,38 @@ def margins_and_logits(
         for k in range(2)
     )
     return margins, logits
+
+
+def _upper_where(
+    margins: Interval,
+    need: Tensor,
+    net: Sequence[Layer],
+    boxes: Sequence[Interval],
+    pert: Resolved,
+    C: Tensor,
+    ys: Tensor,
+    stop: int,
+) -> Interval:
+    """``margins`` with the upper margins of the samples in the mask ``need`` [n] tightened by
+    back-substituting their rows ``e_j - e_y`` (``-C``) on those samples' slices of ``boxes``,
+    the chunk's intervals: no second forward pass."""
+    idx = need.nonzero()[:, 0]
+    if not len(idx):
+        return margins
+    sub = [Interval(b.lower[idx], b.upper[idx]) for b in boxes]
+    for layer, box in zip(net, sub, strict=False):  # each layer's input interval
+        if isinstance(layer, ReLU):
+            layer.restrict(idx, box)  # its relaxation too
+        else:
+            layer.inp = box
+    rows = -C[idx]
+    low = backsubstitute(
+        net, len(net) - 1, LinearBound(rows, rows.new_zeros(rows.shape[:2])), sub, pert, stop
+    )
+    others = _others(ys[idx], C.shape[2])
+    upper = margins.upper[idx]
+    upper = upper.scatter(1, others, torch.minimum(upper.gather(1, others), -low))
+    return Interval(margins.lower, margins.upper.index_put((idx,), upper))
 
 
 def margins_of(

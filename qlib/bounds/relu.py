@@ -100,6 +100,16 @@ class ReLU(Layer):
         self._relaxed = (self.pre, key, relaxation, vectors)
         return relaxation
 
+    def restrict(self, idx: Tensor, box: Interval) -> None:
+        """Make ``box``, the samples ``idx`` of the current ``pre``, the new ``pre``, keeping
+        those samples' part of a remembered relaxation: it is computed neuron by neuron, so the
+        part equals the relaxation of ``box`` bit for bit, without its few dozen operations."""
+        hit = self._relaxed
+        if hit is not None and hit[0] is self.pre:
+            vectors = None if hit[3] is None else tuple(t[idx] for t in hit[3])
+            self._relaxed = (box, hit[1], tuple(t[idx] for t in hit[2]), vectors)
+        self.pre = box
+
     def margin_vectors(self, pert: Perturbation) -> tuple[Tensor, Tensor]:
         """``(2|al| + |au|) max(|l|, |u|)`` and ``2|bl| + |bu|`` [N, *shape] of the relaxation:
         what ``backward``'s rounding margin weighs ``|A|`` with, once per relaxation."""

@@ -21,7 +21,7 @@ float32 (``qlib.explore.fakequant``):
 ``Certifier`` bounds a box over a fixed set of images with a named bound method and returns a
 ``Certificate``: the certified mean discrepancy (``kind="discrepancy"``: the published measure on
 the true-class probability, per image, averaged; bounded through the margins
-``logit_y - logit_j``, ``bounds.probability_bounds``) or the certified accuracy at a margin
+``logit_y - logit_j``, ``bounds.certified_discrepancy``) or the certified accuracy at a margin
 (``kind="accuracy"``). A box whose every bound is vacuous is ``"uncertifiable"`` (value 1 or 0),
 never an error.
 """
@@ -255,12 +255,11 @@ class Certifier:
     def _certify(self, model: nn.Sequential, box: LayerPerturbation, t0: float) -> Certificate:
         dtype = getattr(torch, self.dtype)
         if self.kind == "discrepancy":
-            p = bounds.probability_bounds(
-                model, self.X, self.y, box, self.method, options=self.options, dtype=dtype
-            )
             p0 = torch.softmax(self.nominal(model), 1).gather(1, self.y[:, None].long())[:, 0]
-            d = torch.maximum(p.upper - p0, p0 - p.lower)
-            finite = p.lower.isfinite() & p.upper.isfinite()
+            d = bounds.certified_discrepancy(
+                model, self.X, self.y, box, self.method, p0=p0, options=self.options, dtype=dtype
+            )
+            finite = d.isfinite()
             # Vacuous: the bound allows the true-class probability to reach both 0 and 1.
             useful = finite & (d < torch.maximum(p0, 1 - p0) - 1e-9)
             d = torch.where(finite, d, torch.ones_like(d)).clamp(0, 1)
