@@ -398,6 +398,39 @@ def test_certified_discrepancy_is_the_two_sided_one_and_holds(dtype: torch.dtype
         bounds.certified_discrepancy(net, X, y, pert, "crown", p0=p0[:3])
 
 
+def test_selected_upper_margins_match_both_sides():
+    """``margins_and_logits`` with a selector: the upper margins of every selected sample, whether
+    guessed for the first pass (``upper_first``) or taken in the second, equal those of the
+    two-sided pass; the unselected keep the logit interval's."""
+    net = small_net("mlp", 5, 3)
+    X = torch.rand(12, 1, 5, 5, generator=torch.Generator().manual_seed(3))
+    y = torch.randint(0, 4, (12,), generator=torch.Generator().manual_seed(4))
+    pert = Perturbation.uniform(1 / 64)
+    both, _ = bounds.margins_and_logits(net, X, y, pert, "crown-ibp", logits=False)
+    lower_only, _ = bounds.margins_and_logits(
+        net, X, y, pert, "crown-ibp", logits=False, upper=False
+    )
+    chosen = torch.arange(12) % 3 != 0
+    guess = torch.arange(12) % 2 == 0  # right for some, wrong for others
+    for chunk in (None, 5):
+        got, _ = bounds.margins_and_logits(
+            net, X, y, pert, "crown-ibp", logits=False, chunk=chunk,
+            upper=lambda m, start: chosen[start : start + len(m.lower)], upper_first=guess,
+        )  # fmt: skip
+        assert torch.allclose(got.lower, both.lower, rtol=0, atol=1e-12)
+        assert torch.allclose(got.upper[chosen], both.upper[chosen], rtol=0, atol=1e-12)
+        # Guessed but not chosen: tightened anyway; neither: the logit interval's.
+        assert torch.allclose(got.upper[guess], both.upper[guess], rtol=0, atol=1e-12)
+        rest = ~chosen & ~guess
+        assert torch.allclose(got.upper[rest], lower_only.upper[rest], rtol=0, atol=1e-12)
+        assert (got.upper[rest] > both.upper[rest] + 1e-6).any()
+    with pytest.raises(ValueError, match=r"upper_first must be a mask of shape \(12,\)"):
+        bounds.margins_and_logits(
+            net, X, y, pert, "crown-ibp", logits=False, upper=lambda m, s: chosen,
+            upper_first=guess[:3],
+        )  # fmt: skip
+
+
 def test_chunking_does_not_change_bounds():
     net = small_net("cnn", 6, 1)
     X = torch.rand(7, 1, 6, 6)

@@ -141,9 +141,11 @@ def certified_discrepancy(
     The lower margins give ``p_worst``; the logit interval gives a first ``p_best``. Where that
     one already has ``p_best - p0 <= p0 - p_worst``, no tighter ``p_best`` can change the result,
     which is ``p0 - p_worst``, as sound as ``probability_bounds``' (on the Fashion-MNIST MLP's
-    genome boxes this held for about seven images in eight). The others get both sides, from a
-    second back-substitution on their slices of the same intervals. NaN where a bound is not
-    finite. ``p0``: the nominal true-class probabilities ``[N]`` (float64), if the caller has
+    genome boxes this held for about seven images in eight). Images with ``p0 < 1/2``, whose
+    probability can rise further than it can fall, get their upper margins in the same pass
+    (there they decided, for every genome of a search); any other image where the upper side
+    may decide gets it from a second back-substitution on its slices of the same intervals. NaN
+    where a bound is not finite. ``p0``: the nominal true-class probabilities ``[N]`` (float64), if the caller has
     them; ``chunk``: samples per pass (``margins_and_logits``)."""
     if p0 is None:
         with torch.no_grad():
@@ -167,6 +169,7 @@ def certified_discrepancy(
         chunk=chunk,
         upper=need,
         logits=False,
+        upper_first=p0 < 0.5,
     )
     p = _probability(margins)
     return torch.maximum(p.upper - p0, p0 - p.lower)

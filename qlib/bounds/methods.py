@@ -329,6 +329,7 @@ def margins_and_logits(
     chunk: int | None = None,
     upper: bool | Callable[[Interval, int], Tensor] = True,
     logits: bool = True,
+    upper_first: Tensor | None = None,
 ) -> tuple[Interval, Interval]:
     """Bounds ``[N, C]`` on the margins ``logit_y - logit_j`` (entry ``y`` is 0) and on the logits,
     from one pass per chunk of samples.
@@ -341,7 +342,9 @@ def margins_and_logits(
     IBP interval, for the linear methods). ``upper`` may instead select the samples that need
     their upper margins: called with a chunk's margins (upper ends from the logit interval) and
     the index of its first sample, it returns a mask ``[n]``, and the negated rows are then
-    back-substituted for those samples only, on the chunk's intervals. A registered method gives
+    back-substituted for those samples only, on the chunk's intervals; ``upper_first`` (a mask
+    ``[N]``, without ``logits``) names samples whose upper margins go into the first pass
+    (a guess: a second pass takes those it missed). A registered method gives
     its logit bounds and their differences. float32 bounds that overflow are recomputed in
     float64 with a warning.
     """
@@ -361,6 +364,10 @@ def margins_and_logits(
     if len(net[-1].out_shape) != 1:
         raise ValueError("margin bounds need a flat logit layer [N, classes]")
     y = check_labels(y, len(X), classes)
+    if upper_first is not None and upper_first.shape != (len(X),):
+        raise ValueError(
+            f"upper_first must be a mask of shape ({len(X)},), got {tuple(upper_first.shape)}"
+        )
     both = upper is True
     rows = (classes - 1) * (2 if both else 1) + (2 * classes if logits else 0)
     step = chunk or chunk_size(len(X), rows, net)
@@ -376,20 +383,33 @@ def margins_and_logits(
         if logits:
             spec += [eye.expand(n, -1, -1), -eye.expand(n, -1, -1)]
         spec = torch.cat(spec, 1)
-        spec_bound = LinearBound(spec, torch.zeros(n, spec.shape[1], dtype=dt))
+        selective = callable(upper) and classes > 1
+        first = torch.zeros(n, dtype=torch.bool)
+        if selective and upper_first is not None and not logits:
+            first = upper_first[start : start + n]
+        ahead = first.nonzero()[:, 0]
+        inputs = boxes
+        if len(ahead):
+            # Their upper rows go along in the same pass, as extra samples.
+            inputs = _restrict(net, boxes, torch.cat([torch.arange(n), ahead]))
+            spec = torch.cat([spec, -C[ahead]])
+        spec_bound = LinearBound(spec, spec.new_zeros(spec.shape[:2]))
         # One class has no margin: nothing to back-substitute.
         low = (
-            backsubstitute(net, len(net) - 1, spec_bound, boxes, pert, stop)
+            backsubstitute(net, len(net) - 1, spec_bound, inputs, pert, stop)
             if spec.shape[1]
             else spec[..., 0]
         )
+        low, low_ahead = low[:n], low[n:]
         box = Interval(boxes[-1].lower.flatten(1), boxes[-1].upper.flatten(1))
         if logits:
             end = spec.shape[1] - 2 * classes
             box = Interval(low[:, end : end + classes], -low[:, end + classes :]).intersect(box)
         margins = margins_of(box, ys, low, both)
-        if callable(upper) and classes > 1:
-            margins = _upper_where(margins, upper(margins, start), net, boxes, pert, C, ys, stop)
+        if selective:
+            margins = _tighten_upper(margins, ahead, low_ahead, ys)
+            need = upper(margins, start) & ~first
+            margins = _upper_where(margins, need, net, boxes, pert, C, ys, stop)
         return margins, box
 
     parts = []
@@ -410,6 +430,29 @@ def margins_and_logits(
     return margins, logits
 
 
+def _restrict(net: Sequence[Layer], boxes: Sequence[Interval], idx: Tensor) -> list[Interval]:
+    """The samples ``idx`` (repeats allowed) of ``boxes``, each layer's input interval, made the
+    layers' own; each ReLU keeps those samples' part of its remembered relaxation."""
+    sub = [Interval(b.lower[idx], b.upper[idx]) for b in boxes]
+    for layer, box in zip(net, sub, strict=False):
+        if isinstance(layer, ReLU):
+            layer.restrict(idx, box)
+        else:
+            layer.inp = box
+    return sub
+
+
+def _tighten_upper(margins: Interval, idx: Tensor, low: Tensor, ys: Tensor) -> Interval:
+    """``margins`` with the upper margins of samples ``idx`` tightened by ``-low`` [len(idx), C-1],
+    the lower bounds of their rows ``e_j - e_y``."""
+    if not len(idx):
+        return margins
+    others = _others(ys[idx], margins.upper.shape[1])
+    upper = margins.upper[idx]
+    upper = upper.scatter(1, others, torch.minimum(upper.gather(1, others), -low))
+    return Interval(margins.lower, margins.upper.index_put((idx,), upper))
+
+
 def _upper_where(
     margins: Interval,
     need: Tensor,
@@ -426,20 +469,12 @@ def _upper_where(
     idx = need.nonzero()[:, 0]
     if not len(idx):
         return margins
-    sub = [Interval(b.lower[idx], b.upper[idx]) for b in boxes]
-    for layer, box in zip(net, sub, strict=False):  # each layer's input interval
-        if isinstance(layer, ReLU):
-            layer.restrict(idx, box)  # its relaxation too
-        else:
-            layer.inp = box
+    sub = _restrict(net, boxes, idx)
     rows = -C[idx]
     low = backsubstitute(
         net, len(net) - 1, LinearBound(rows, rows.new_zeros(rows.shape[:2])), sub, pert, stop
     )
-    others = _others(ys[idx], C.shape[2])
-    upper = margins.upper[idx]
-    upper = upper.scatter(1, others, torch.minimum(upper.gather(1, others), -low))
-    return Interval(margins.lower, margins.upper.index_put((idx,), upper))
+    return _tighten_upper(margins, idx, low, ys)
 
 
 def margins_of(
