@@ -121,6 +121,30 @@ def test_clipped_relaxation_is_exact_inside_one_piece():
     assert torch.allclose(bu, torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_stable_neurons_take_their_exact_relaxation(dtype: torch.dtype):
+    """Inside one linear piece of both envelopes a neuron's relaxation is exact, with no rounding
+    margin: ``(0, 0, 0, eps)`` where ``up < 0`` and ``(1, -eps, 1, eps)`` where ``eps < lo`` and
+    ``up < clip``; every other neuron gets the general rule, bit for bit."""
+    from qlib.bounds.relu import _piecewise_relaxation
+
+    g = torch.Generator().manual_seed(0)
+    lo = (torch.rand(64, 50, generator=g, dtype=torch.float64) * 6 - 3).to(dtype)
+    up = lo + torch.rand(64, 50, generator=g, dtype=torch.float64).to(dtype) * 2
+    clip, eps = 1.5, 0.25
+    al, bl, au, bu = clip_relaxation(lo, up, clip, eps)
+    inactive, linear = up < 0, (lo > eps) & (up < clip)
+    assert inactive.any() and linear.any() and (~inactive & ~linear).any()
+    for t, want in ((al, 0.0), (bl, 0.0), (au, 0.0), (bu, eps)):
+        assert (t[inactive] == want).all()
+    for t, want in ((al, 1.0), (bl, -eps), (au, 1.0), (bu, eps)):
+        assert (t[linear] == want).all()
+    other = ~inactive & ~linear
+    general = _piecewise_relaxation(lo[other], up[other], clip, clip, eps)
+    for t, want in zip((al, bl, au, bu), general, strict=True):
+        assert torch.equal(t[other], want)
+
+
 def test_count_errors_name_the_layer():
     net = small_net("mlp", 4, 0)
     X = torch.rand(2, 1, 4, 4)

@@ -176,7 +176,41 @@ def _clip_relaxation(
     lo: Tensor, up: Tensor, c_hi: float | Tensor, c_lo: float | Tensor, eps: float | Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``clip_relaxation`` with the clip rounded outward to ``c_lo <= clip <= c_hi`` and ``eps``
-    rounded up, each a number or a tensor in ``lo``'s dtype that broadcasts against it."""
+    rounded up, each a number or a tensor in ``lo``'s dtype that broadcasts against it.
+
+    Most neurons lie inside one linear piece of both envelopes, where the relaxation is exact
+    and needs no arithmetic: ``0 <= ĥ <= eps`` where ``up < 0``, and ``ẑ - eps <= ĥ <= ẑ + eps``
+    where ``eps < lo`` and ``up < c_lo`` (both hold for the real numbers, with ``eps`` rounded
+    up, so no rounding margin is needed). Only the others go through the general rule
+    (``_piecewise_relaxation``), some hundred operations that would otherwise cost their pass
+    over every neuron (on the Fashion MLP's genome boxes, about one neuron in seven)."""
+    dtype = lo.dtype
+    eps_t = eps if isinstance(eps, Tensor) else torch.tensor(eps, dtype=dtype)
+    c_lo_t = c_lo if isinstance(c_lo, Tensor) else torch.tensor(c_lo, dtype=dtype)
+    linear = (lo > eps_t) & (up < c_lo_t)
+    other = ~(linear | (up < 0))
+    al = linear.to(dtype)
+    au = al.clone()
+    bl = al * -eps_t
+    bu = eps_t.expand_as(lo).clone()
+    idx = other.flatten().nonzero()[:, 0]
+    if len(idx):
+
+        def pick(v: float | Tensor) -> float | Tensor:
+            return v.expand_as(lo).reshape(-1)[idx] if isinstance(v, Tensor) else v
+
+        parts = _piecewise_relaxation(
+            lo.reshape(-1)[idx], up.reshape(-1)[idx], pick(c_hi), pick(c_lo), pick(eps)
+        )
+        for out, part in zip((al, bl, au, bu), parts, strict=True):
+            out.view(-1)[idx] = part
+    return al, bl, au, bu
+
+
+def _piecewise_relaxation(
+    lo: Tensor, up: Tensor, c_hi: float | Tensor, c_lo: float | Tensor, eps: float | Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The general rule of ``_clip_relaxation``, valid for any neuron."""
     # Tensors over tensors keep the slopes bit for bit those of the plain formulas (a Python
     # number over a tensor is computed as a reciprocal and a product).
     c_hi_t = c_hi.expand_as(lo) if isinstance(c_hi, Tensor) else torch.full_like(lo, c_hi)
