@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -306,21 +306,26 @@ def _margin_vectors(
     return (2 * al.abs() + au.abs()) * torch.maximum(lo.abs(), up.abs()), 2 * bl.abs() + bu.abs()
 
 
-# Comparisons, boolean masks and torch.where cost 5-25x an arithmetic operation per element on
-# the CPU (up to 65 µs against 3 µs on a [256, 128] float32 tensor), and a relaxation makes a few
-# dozen selections: so they are arithmetic on 0/1 indicators (on the Fashion MLP's widest clipped
-# layer, 1.55 -> 1.06 ms per relaxation, bit for bit the same slopes and offsets). Each is exact
-# for finite values: the sign of a computed difference is that of the exact one, products with 0
-# or 1 are exact, and lerp with weight 0 or 1 returns one of its ends unchanged; so every
-# operand, also of a branch not taken, must stay finite (``_slope``).
+# Boolean masks and torch.where cost 5-25x an arithmetic operation per element on the CPU (up to
+# 65 µs against 3 µs on a [256, 128] float32 tensor), and a relaxation makes a few dozen
+# selections: so they are arithmetic on 0/1 indicators, each a comparison written straight into a
+# float tensor (as cheap as a subtraction; a boolean result converted afterwards costs 8x, and
+# the sign of a difference 4x). Products with 0 or 1 are exact, and lerp with weight 0 or 1
+# returns one of its ends unchanged; so every operand, also of a branch not taken, must stay
+# finite (``_slope``).
 def _gt(a: Tensor | float, b: Tensor | float) -> Tensor:
     """1.0 where ``a > b``, else 0.0."""
-    return torch.sign(a - b).clamp_(min=0.0)
+    return _indicator(torch.gt, a, b) if isinstance(a, Tensor) else _indicator(torch.lt, b, a)
 
 
 def _ge(a: Tensor | float, b: Tensor | float) -> Tensor:
     """1.0 where ``a >= b``, else 0.0."""
-    return 1 - _gt(b, a)
+    return _indicator(torch.ge, a, b) if isinstance(a, Tensor) else _indicator(torch.le, b, a)
+
+
+def _indicator(compare: Callable[..., Tensor], a: Tensor, b: Tensor | float) -> Tensor:
+    shape = torch.broadcast_shapes(a.shape, b.shape) if isinstance(b, Tensor) else a.shape
+    return compare(a, b, out=torch.empty(shape, dtype=a.dtype, device=a.device))
 
 
 def _slope(num: Tensor, den: Tensor) -> Tensor:
