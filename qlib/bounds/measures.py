@@ -145,8 +145,8 @@ def certified_discrepancy(
     probability can rise further than it can fall, get their upper margins in the same pass
     (there they decided, for every genome of a search); any other image where the upper side
     may decide gets it from a second back-substitution on its slices of the same intervals. NaN
-    where a bound is not finite. ``p0``: the nominal true-class probabilities ``[N]`` (float64), if the caller has
-    them; ``chunk``: samples per pass (``margins_and_logits``)."""
+    where a bound is not finite. ``p0``: the nominal true-class probabilities ``[N]`` (float64),
+    if the caller has them; ``chunk``: samples per pass (``margins_and_logits``)."""
     if p0 is None:
         with torch.no_grad():
             f = float_logits(model, X)

@@ -343,8 +343,8 @@ def margins_and_logits(
     their upper margins: called with a chunk's margins (upper ends from the logit interval) and
     the index of its first sample, it returns a mask ``[n]``, and the negated rows are then
     back-substituted for those samples only, on the chunk's intervals; ``upper_first`` (a mask
-    ``[N]``, without ``logits``) names samples whose upper margins go into the first pass
-    (a guess: a second pass takes those it missed). A registered method gives
+    ``[N]``, without ``logits``) names samples whose upper margins go into the first pass, as
+    extra samples (a guess: the second pass takes those it missed). A registered method gives
     its logit bounds and their differences. float32 bounds that overflow are recomputed in
     float64 with a warning.
     """
