@@ -63,8 +63,8 @@ Modules: ``values`` (``Interval``, ``LinearBound``), ``base``, ``affine`` and ``
 per-layer objects with their IBP, back-substitution and concrete perturbed rules), ``layers``
 (``layers(model, in_shape)``), ``propagation``
 (``forward_bounds``, ``backsubstitute``, ``unstable``), ``methods`` (``logit_bounds``,
-``margin_bounds``, ``margin_interval``, ``margins_and_logits``, ``bound_coefficients`` and the
-registry of methods by name), ``measures`` (``worst_case_discrepancy``, ``probability_bounds``,
+``bound_coefficients`` and the registry of methods by name), ``margins`` (``margin_bounds``,
+``margin_interval``, ``margins_and_logits``), ``measures`` (``worst_case_discrepancy``, ``probability_bounds``,
 ``certified_discrepancy``, ``verified_accuracy``).
 """
 
@@ -80,6 +80,7 @@ from qlib.bounds.layers import (
     clip_of,
     layers,
 )
+from qlib.bounds.margins import margin_bounds, margin_interval, margins_and_logits
 from qlib.bounds.measures import (
     Discrepancy,
     Verification,
@@ -97,9 +98,6 @@ from qlib.bounds.methods import (
     available_methods,
     bound_coefficients,
     logit_bounds,
-    margin_bounds,
-    margin_interval,
-    margins_and_logits,
     register_method,
 )
 from qlib.bounds.perlayer import Resolved, resolve

@@ -13,16 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qlib.bounds.layers import layers
-from qlib.bounds.methods import (
-    Method,
-    Options,
-    check_labels,
-    logit_bounds,
-    margin_bounds,
-    margin_interval,
-    margins_and_logits,
-    margins_of,
-)
+from qlib.bounds.margins import margin_bounds, margin_interval, margins_and_logits, margins_of
+from qlib.bounds.methods import Method, Options, check_labels, logit_bounds
 from qlib.bounds.values import Interval
 from qlib.quant import LayerPerturbation, Perturbation
 
