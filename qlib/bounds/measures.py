@@ -24,6 +24,7 @@ __all__ = [
     "certified_discrepancy",
     "float_logits",
     "probability_bounds",
+    "true_probability",
     "verified_accuracy",
     "worst_case_discrepancy",
 ]
@@ -86,7 +87,7 @@ def worst_case_discrepancy(
         raise ValueError(f"logits must have shape {tuple(lower.shape)}, got {tuple(logits.shape)}")
     else:
         f = logits.double()
-    p0 = torch.softmax(f, 1).gather(1, y[:, None]).squeeze(1)
+    p0 = true_probability(f, y)
     p = _probability(m)
     d = torch.maximum(p.upper - p0, p0 - p.lower)
     gap = torch.maximum(upper - f, f - lower).amax(1)
@@ -142,7 +143,7 @@ def certified_discrepancy(
     if p0 is None:
         with torch.no_grad():
             f = float_logits(model, X)
-        p0 = torch.softmax(f, 1).gather(1, check_labels(y, len(X), f.shape[1])[:, None])[:, 0]
+        p0 = true_probability(f, check_labels(y, len(X), f.shape[1]))
     elif p0.shape != (len(X),):
         raise ValueError(f"p0 must have shape ({len(X)},), got {tuple(p0.shape)}")
 
@@ -165,6 +166,12 @@ def certified_discrepancy(
     )
     p = _probability(margins)
     return torch.maximum(p.upper - p0, p0 - p.lower)
+
+
+def true_probability(logits: Tensor, y: Tensor) -> Tensor:
+    """The softmax probability ``[N]`` of the true class ``y`` [N] under ``logits`` [N, C]: the
+    nominal ``p0`` that a discrepancy is measured from."""
+    return torch.softmax(logits, 1).gather(1, y.long()[:, None])[:, 0]
 
 
 # exp and log are not correctly rounded, but the C library keeps them within a few units in the

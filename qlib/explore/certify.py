@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from qlib import bounds
 from qlib.bounds import rounding
 from qlib.bounds.affine import IntervalMemo, remember_intervals
+from qlib.bounds.measures import true_probability
 from qlib.quant import LayerPerturbation
 
 __all__ = [
@@ -255,7 +256,7 @@ class Certifier:
     def _certify(self, model: nn.Sequential, box: LayerPerturbation, t0: float) -> Certificate:
         dtype = getattr(torch, self.dtype)
         if self.kind == "discrepancy":
-            p0 = torch.softmax(self.nominal(model), 1).gather(1, self.y[:, None].long())[:, 0]
+            p0 = true_probability(self.nominal(model), self.y)
             d = bounds.certified_discrepancy(
                 model, self.X, self.y, box, self.method, p0=p0, options=self.options, dtype=dtype
             )
