@@ -161,7 +161,7 @@ def margins_and_logits(
         inputs = boxes
         if len(ahead):
             # Their upper rows go along in the same pass, as extra samples.
-            inputs = _restrict(net, boxes, torch.cat([torch.arange(n), ahead]))
+            inputs = _restrict(net, boxes, torch.cat([torch.arange(n), ahead]), stop)
             spec = torch.cat([spec, -C[ahead]])
         spec_bound = LinearBound(spec, spec.new_zeros(spec.shape[:2]))
         # One class has no margin: nothing to back-substitute.
@@ -200,11 +200,15 @@ def margins_and_logits(
     return margins, logits
 
 
-def _restrict(net: Sequence[Layer], boxes: Sequence[Interval], idx: Tensor) -> list[Interval]:
-    """The samples ``idx`` (repeats allowed) of ``boxes``, each layer's input interval, made the
-    layers' own; each ReLU keeps those samples' part of its remembered relaxation."""
-    sub = [Interval(b.lower[idx], b.upper[idx]) for b in boxes]
-    for layer, box in zip(net, sub, strict=False):
+def _restrict(
+    net: Sequence[Layer], boxes: Sequence[Interval], idx: Tensor, stop: int
+) -> list[Interval]:
+    """The samples ``idx`` (repeats allowed) of ``boxes[stop:]``, the input intervals of the layers
+    that a back-substitution to ``net[stop]`` reads, made those layers' own; each ReLU keeps
+    those samples' part of its remembered relaxation. The entries below ``stop`` stay as they
+    are (gathering the input box alone cost a Fashion MLP certificate 4 % of its time)."""
+    sub = list(boxes[:stop]) + [Interval(b.lower[idx], b.upper[idx]) for b in boxes[stop:]]
+    for layer, box in zip(net[stop:], sub[stop:], strict=False):
         if isinstance(layer, ReLU):
             layer.restrict(idx, box)
         else:
@@ -239,7 +243,7 @@ def _upper_where(
     idx = need.nonzero()[:, 0]
     if not len(idx):
         return margins
-    sub = _restrict(net, boxes, idx)
+    sub = _restrict(net, boxes, idx, stop)
     rows = -C[idx]
     low = backsubstitute(
         net, len(net) - 1, LinearBound(rows, rows.new_zeros(rows.shape[:2])), sub, pert, stop
