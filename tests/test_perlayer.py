@@ -112,6 +112,42 @@ def test_clip_relaxation_holds_on_a_dense_grid(lo: float, width: float, clip: fl
     assert bool((au * z + bu >= g + eps - 1e-12).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_clip_offsets_are_the_tightest_for_any_slope_in_0_1(dtype: torch.dtype):
+    """The offsets evaluate two candidates each, which must hold for any slope in [0, 1] (rounding
+    may move a computed slope off the line through two points): without margins each offset is
+    the extreme of ``G(p) - a p`` over the ends and all kinks; with them the lines hold on a
+    dense grid of every interval."""
+    from qlib.bounds import rounding
+    from qlib.bounds.relu import _offsets
+
+    g = torch.Generator().manual_seed(5)
+    lo = torch.rand(600, generator=g, dtype=torch.float64) * 6 - 3
+    up = lo + torch.rand(600, generator=g, dtype=torch.float64) * 4
+    al, au = torch.rand(2, 600, generator=g, dtype=torch.float64)
+    lo, up, al, au = (t.to(dtype) for t in (lo, up, al, au))
+    clip, eps = 1.25, 0.1  # exact in both dtypes
+
+    def envelopes(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.clamp(torch.relu(p), max=clip)
+        return (h - eps).clamp(min=0), h + eps
+
+    with rounding.outward(False):
+        bl, bu = _offsets(lo, up, al, au, clip, clip, eps)
+    kinks = [torch.full_like(lo, k).clamp(lo, up) for k in (0.0, eps, clip)]
+    p = torch.stack([lo, up, *kinks]).double()
+    low, high = envelopes(p)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(bu.double(), (high - au.double() * p).amax(0), rtol=0, atol=tol)
+    assert torch.allclose(bl.double(), (low - al.double() * p).amin(0), rtol=0, atol=tol)
+
+    bl, bu = (t.double() for t in _offsets(lo, up, al, au, clip, clip, eps))
+    z = torch.linspace(0, 1, 4001, dtype=torch.float64)[:, None] * (up - lo).double() + lo.double()
+    low, high = envelopes(z)
+    assert bool((al.double() * z + bl <= low).all())
+    assert bool((au.double() * z + bu >= high).all())
+
+
 def test_clipped_relaxation_is_exact_inside_one_piece():
     lo = torch.tensor([0.2, -2.0, 3.0], dtype=torch.float64)
     up = torch.tensor([0.8, -1.0, 4.0], dtype=torch.float64)

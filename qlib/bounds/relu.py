@@ -231,15 +231,6 @@ def _piecewise_relaxation(
     through_c = _pick(lo_pos, 1.0, _slope(c_hi_t, _pick(_gt(c_hi, lo), c_hi - lo, 1.0)))
     au = _pick(_ge(c_hi, up), chord, steep * through_c)
     au = au * _gt(up, 0.0) * _gt(c_hi, lo)  # 0 where up <= 0 or lo >= c
-    p = _at(lo, up, (torch.zeros_like(lo), c_hi_t))
-    g = _shift(torch.clamp(torch.relu(p), max=c_hi), eps, "up")
-    bu = (g - au * p).amax(0)
-    # The rounding of g - au p at any candidate, bounded once per neuron: 0 <= g <= max g and
-    # |au p| <= au max(|lo|, |up|) (slopes lie in [0, 1], candidates in [lo, up]); one pass over
-    # the candidates instead of seven.
-    z = torch.maximum(lo.abs(), up.abs())
-    if rounding.enabled():
-        bu = rounding.up(bu + rounding.margin(g.amax(0) + au * z, 3))
     # Lower: Gl is 0 up to e = eps, the identity - eps to c, then c - eps (0 if c <= eps).
     # The chord from (lo, lo - e) to (up, c - e), and the line through (e, 0) and (up, c - e).
     bend = _slope(c_lo - lo, width)
@@ -252,13 +243,44 @@ def _piecewise_relaxation(
         _pick(inside, flat, flat * from_e),
     )
     al = al * _gt(up, eps) * _gt(c_lo_t, eps) * _gt(c_lo, lo)
+    bl, bu = _offsets(lo, up, al, au, c_hi, c_lo, eps)
+    return al, bl, au, bu
+
+
+def _offsets(
+    lo: Tensor,
+    up: Tensor,
+    al: Tensor,
+    au: Tensor,
+    c_hi: float | Tensor,
+    c_lo: float | Tensor,
+    eps: float | Tensor,
+) -> tuple[Tensor, Tensor]:
+    """The tightest offsets ``(bl, bu)`` for slopes ``al``, ``au`` in [0, 1] (any slopes there),
+    rounded outward: ``bu`` the maximum of ``Gu(p) - au p`` over ``[lo, up]`` and ``bl`` the
+    minimum of ``Gl(p) - al p`` (the clip and ``eps`` as in ``_clip_relaxation``).
+
+    With a slope in [0, 1] each of these functions falls up to its first kink (0 for ``Gu``,
+    ``eps`` for ``Gl``), rises up to the clip and falls after it. So the maximum lies at ``lo``
+    or at ``c`` clamped into ``[lo, up]``, and the minimum at ``eps`` clamped into ``[lo, up]``
+    or at ``up``: two candidates each, exact points, whatever rounding did to the slopes."""
+    c_hi_t = c_hi.expand_as(lo) if isinstance(c_hi, Tensor) else torch.full_like(lo, c_hi)
+    p = torch.stack([lo, _inside(c_hi_t, lo, up)])
+    g = _shift(torch.clamp(torch.relu(p), max=c_hi), eps, "up")
+    bu = (g - au * p).amax(0)
+    # The rounding of g - a p at the extreme candidate, bounded once per neuron: 0 <= g <= max g
+    # and |a p| <= a max(|lo|, |up|). Where rounding lifts the other candidate past it, the
+    # margin still covers the extreme one.
+    z = torch.maximum(lo.abs(), up.abs())
+    if rounding.enabled():
+        bu = rounding.up(bu + rounding.margin(g.amax(0) + au * z, 3))
     eps_t = eps.expand_as(lo) if isinstance(eps, Tensor) else torch.full_like(lo, eps)
-    p = _at(lo, up, (eps_t, c_lo_t))
+    p = torch.stack([_inside(eps_t, lo, up), up])
     g = torch.clamp(_shift(torch.clamp(torch.relu(p), max=c_lo), eps, "down"), min=0.0)
     bl = (g - al * p).amin(0)
     if rounding.enabled():
         bl = rounding.down(bl - rounding.margin(g.amax(0) + al * z, 3))
-    return al, bl, au, bu
+    return bl, bu
 
 
 def relax_together(pairs: Sequence[tuple[ReLU, Perturbation]]) -> None:
@@ -343,11 +365,9 @@ def _pick(mask: Tensor, a: Tensor | float, b: Tensor | float) -> Tensor:
     return torch.lerp(b, a, mask)
 
 
-def _at(lo: Tensor, up: Tensor, kinks: tuple[Tensor, Tensor]) -> Tensor:
-    """The candidate points ``lo``, ``up`` and the two kinks (each shaped like ``lo``) clamped
-    into ``[lo, up]``, stacked ``[4, N, *shape]``: one operation each for all of them."""
-    inner = torch.stack(kinks)
-    return torch.cat([lo[None], up[None], torch.minimum(torch.maximum(inner, lo), up)])
+def _inside(kink: Tensor, lo: Tensor, up: Tensor) -> Tensor:
+    """``kink`` clamped into ``[lo, up]`` (exact)."""
+    return torch.minimum(torch.maximum(kink, lo), up)
 
 
 def _shift(g: Tensor, eps: float | Tensor, side: str) -> Tensor:
