@@ -243,7 +243,7 @@ def _piecewise_relaxation(
         _pick(inside, flat, flat * from_e),
     )
     al = al * _gt(up, eps) * _gt(c_lo_t, eps) * _gt(c_lo, lo)
-    bl, bu = _offsets(lo, up, al, au, c_hi, c_lo, eps)
+    bl, bu = _offsets(lo, up, al, au, c_hi_t, c_lo, eps)
     return al, bl, au, bu
 
 
