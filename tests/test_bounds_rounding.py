@@ -15,6 +15,7 @@ from torch import nn
 
 from qlib import attack, bounds, models
 from qlib.bounds import rounding
+from qlib.bounds.affine import IntervalMemo, remember_intervals
 from qlib.quant import Perturbation
 
 F = Fraction
@@ -286,14 +287,10 @@ def test_remembered_weight_terms_follow_the_weights(change: str):
 @pytest.mark.parametrize("method", ["ibp", "crown"])
 def test_bounds_follow_weights_changed_in_place_through_data(method: str):
     """Weights changed through ``.data`` (as in-place quantisation does) must be bounded as they
-    are now, not as they were when a cache first saw them."""
-    from qlib import attack, models
-    from qlib.quant import Perturbation
-
+    are now, not as they were when a cache first saw them (the sibling of the test above, for
+    the change that keeps the version, data pointer and identity all three)."""
     X = torch.rand(3, 1, 3, 3, generator=torch.Generator().manual_seed(0))
     pert = Perturbation(0.01, 0.01, 0.01, 0.01)
-    from qlib.bounds.affine import IntervalMemo, remember_intervals
-
     net = models.mlp([1, 3, 3], [5, 4], 3, seed=1)
     with remember_intervals(IntervalMemo()):
         bounds.logit_bounds(net, X, pert, method)  # fills the caches
