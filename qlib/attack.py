@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from qlib import bounds
 from qlib.bounds import RowDelta
+from qlib.bounds.base import checked_once
 from qlib.quant import LayerPerturbation, Perturbation, UniformQuantizer, symmetric_quantizer
 
 __all__ = [
@@ -244,6 +245,7 @@ def rtn_deltas(model: nn.Sequential, X: Tensor, pert: AnyPerturbation, bits: int
     return Perturbed(dW, db, [None] * relus, dX)
 
 
+@checked_once()
 def attack_logits(
     model: nn.Sequential,
     X: Tensor,
@@ -412,6 +414,7 @@ class AttackedDiscrepancy:
     upper: Tensor
 
 
+@checked_once()
 def attack_discrepancy(
     model: nn.Sequential,
     X: Tensor,
@@ -449,6 +452,7 @@ def attack_discrepancy(
     return AttackedDiscrepancy(d, gap, d.max().item(), gap.max().item(), lo, hi)
 
 
+@checked_once()
 def attack_margin(
     model: nn.Sequential,
     X: Tensor,

@@ -247,43 +247,71 @@ def test_float32_convolution_bounds_are_sound_and_close():
         assert 0 <= looser <= 1e-2, (method, looser.item())
 
 
-@pytest.mark.parametrize("change", ["in place", "assigned data", "new parameter"])
+@pytest.mark.parametrize(
+    "change",
+    ["in place", "assigned data", "new parameter", "weight through data", "bias through data"],
+)
 def test_remembered_weight_terms_follow_the_weights(change: str):
-    """Weight-sized terms (``Affine.term``) are remembered across calls, since an exploration
-    bounds many boxes of one model; once a weight changes, in place, by assigning ``.data`` (which
-    keeps its version) or as a new parameter, the bounds are those of a fresh copy of the model
-    with the new weights, bit for bit."""
+    """Weight-sized terms (``Affine.term``) and, inside ``remember_intervals``, whole intervals
+    are remembered across calls, since an exploration bounds many boxes of one model; once a
+    weight or bias changes, in place, by assigning ``.data``, as a new parameter, or in place
+    through ``.data`` (which keeps the version, the storage and the identity, as in-place
+    quantisation does), the bounds are those of a fresh copy of the model, bit for bit."""
     import copy
 
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(20, 12), nn.ReLU(), nn.Linear(12, 5))
     X = torch.rand(6, 20)
     pert = Perturbation.uniform(2.0**-8)
-    for method in ("ibp", "crown-ibp"):
-        for dtype in (torch.float32, torch.float64):
-            bounds.logit_bounds(model, X, pert, method, dtype=dtype)  # remember the terms
+    memo = IntervalMemo()
+    with remember_intervals(memo):
+        for method in ("ibp", "crown-ibp"):
+            for dtype in (torch.float32, torch.float64):
+                bounds.logit_bounds(model, X, pert, method, dtype=dtype)  # remember the terms
     new = torch.randn(12, 20) * 0.3
     with torch.no_grad():
         if change == "in place":
             model[0].weight.copy_(new)
         elif change == "assigned data":
             model[0].weight.data = new
-        else:
+        elif change == "new parameter":
             model[0].weight = nn.Parameter(new)
+        elif change == "weight through data":
+            model[0].weight.data.mul_(0.5)
+        else:
+            model[0].bias.data.add_(0.25)
     fresh = copy.deepcopy(model)
     for method in ("ibp", "crown-ibp"):
         for dtype in (torch.float32, torch.float64):
-            got = bounds.logit_bounds(model, X, pert, method, dtype=dtype)
+            with remember_intervals(memo):
+                got = bounds.logit_bounds(model, X, pert, method, dtype=dtype)
             want = bounds.logit_bounds(fresh, X, pert, method, dtype=dtype)
             assert torch.equal(got.lower, want.lower) and torch.equal(got.upper, want.upper)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect (stop 16): caches of weight-derived values key on (id, data_ptr, "
-    "_version), which an in-place change through .data does not bump, so the next bound uses "
-    "the old weights and is unsound; fix by comparing values before a hit",
-)
+def test_version_follows_values_and_is_checked_once_inside_a_block():
+    """``version`` names a tensor's values: a change through ``.data`` gives a new one, equal
+    values keep it, and a NaN is never equal to itself; inside ``checked_once`` the caller
+    promises no change, so a tensor is compared once."""
+    from qlib.bounds.base import checked_once, version
+
+    p = nn.Parameter(torch.rand(4, 3))
+    first = version(p)
+    assert version(p) == first
+    p.data.add_(1.0)
+    second = version(p)
+    assert second != first and second[0] == first[0]
+    p.data = p.data.clone()  # new storage, same values
+    assert version(p) == second
+    with checked_once():
+        inside = version(p)
+        p.data.mul_(2.0)
+        assert version(p) == inside  # compared once: the block's promise
+    assert version(p) != inside
+    nan = torch.full((2,), float("nan"))
+    assert version(nan) != version(nan)
+
+
 @pytest.mark.parametrize("method", ["ibp", "crown"])
 def test_bounds_follow_weights_changed_in_place_through_data(method: str):
     """Weights changed through ``.data`` (as in-place quantisation does) must be bounded as they

@@ -95,6 +95,11 @@ def test_genome_box_is_remembered_per_layer_and_sees_weight_changes(prepared):
     with torch.no_grad():
         dict(net.model.named_modules())[net.layers[0]].weight.mul_(1.5)
     assert certify.genome_box(net, [9] * 6).eps_weight[0] != first.eps_weight[0]
+    # Through ``.data`` (the version counter, storage and identity stay): as a fresh copy.
+    changed = certify.genome_box(net, [9] * 6)
+    dict(net.model.named_modules())[net.layers[0]].weight.data.mul_(1.25)
+    now = certify.genome_box(net, [9] * 6)
+    assert now != changed and now == certify.genome_box(copy.deepcopy(net), [9] * 6)
 
 
 def test_milp_bounds_a_genome_box(prepared):
@@ -197,7 +202,11 @@ def test_certifier_reuses_the_nominal_logits_until_the_weights_change(prepared):
     assert fresh <= torch.maximum(best - p0, p0 - worst).mean() + 1e-12
     with torch.no_grad():
         model[1].bias.add_(0.5)
-    assert not torch.equal(cert.nominal(model), first)
+    second = cert.nominal(model)
+    assert not torch.equal(second, first)
+    model[1].bias.data.add_(0.5)  # keeps the version counter: the values are compared
+    assert torch.equal(cert.nominal(model), bounds.float_logits(model, cert.X))
+    assert not torch.equal(cert.nominal(model), second)
     assert pickle.loads(pickle.dumps(cert))._nominal is None
     with pytest.raises(ValueError, match=r"logits must have shape \(32, 10\)"):
         bounds.worst_case_discrepancy(model, cert.X, cert.y, box, logits=first[:, :3])

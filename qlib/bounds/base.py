@@ -4,14 +4,19 @@ rounding slack of a back-substitution step, and the ``Flatten`` layer."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import itertools
 import math
 import weakref
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -36,6 +41,7 @@ __all__ = [
     "BoundedCache",
     "TensorMemo",
     "version",
+    "checked_once",
 ]
 
 T = TypeVar("T")
@@ -86,10 +92,67 @@ class RowDelta:
         return self.t.abs() * self.eps
 
 
-def version(tensor: Tensor) -> tuple[int, int, int]:
-    """What identifies a tensor's current values: itself, its storage and its version (assigning
-    ``.data`` moves the storage and keeps the version; an in-place change bumps the version)."""
-    return id(tensor), tensor.data_ptr(), tensor._version
+def version(tensor: Tensor) -> tuple[int, int]:
+    """What identifies a tensor's current values: itself and a generation that changes whenever
+    its values do, found by comparing them with a private copy. A change through ``.data``
+    (in-place quantisation, ``p.data.add_``) keeps the version counter, the storage and the
+    identity all three, and caches keyed on those served the old weights to the next bound,
+    which was unsound. Inside ``checked_once`` each tensor is compared once."""
+    key = id(tensor)
+    checked = _CHECKED.get()
+    if checked is not None:
+        hit = checked.get(key)
+        if hit is not None and hit[0]() is tensor:
+            return key, hit[1]
+    entry = _SNAPSHOTS.get(key)
+    if entry is None or entry[0]() is not tensor or not _same(entry[1], tensor):
+        ref = weakref.ref(tensor, functools.partial(_forget, key))
+        entry = _SNAPSHOTS[key] = (ref, tensor.detach().clone(), next(_GENERATIONS))
+    if checked is not None:
+        checked[key] = (entry[0], entry[2])
+    return key, entry[2]
+
+
+@contextlib.contextmanager
+def checked_once() -> Iterator[None]:
+    """Inside the block, ``version`` compares each tensor's values once (a 784x256 float32
+    weight takes about 35 µs, and a certificate asks about a hundred times): for a caller that
+    changes no tensor while it runs, such as one bound or one certificate. An inner block joins
+    the outer one."""
+    if _CHECKED.get() is not None:
+        yield
+        return
+    token = _CHECKED.set({})
+    try:
+        yield
+    finally:
+        _CHECKED.reset(token)
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """Whether ``b`` holds the values of ``a`` (NaN never equals itself, so a non-finite tensor
+    is never taken from a cache)."""
+    if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
+        return False
+    b = b.detach()
+    if a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64):
+        return bool(np.array_equal(a.numpy(), b.numpy()))  # 4x faster than torch.equal
+    return torch.equal(a, b)
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    """Drop the snapshot of a tensor that died, unless its id already names another one."""
+    if _SNAPSHOTS.get(key, (None,))[0] is ref:
+        del _SNAPSHOTS[key]
+
+
+# id -> (weak reference, a copy of the values, their generation), for ``version``.
+_SNAPSHOTS: dict[int, tuple[weakref.ref, Tensor, int]] = {}
+_GENERATIONS = itertools.count()
+# Inside ``checked_once``: id -> (weak reference, generation) of the tensors compared so far.
+_CHECKED: ContextVar[dict[int, tuple[weakref.ref, int]] | None] = ContextVar(
+    "qlib_checked", default=None
+)
 
 
 class BoundedCache:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qlib.bounds import rounding
+from qlib.bounds.base import checked_once
 from qlib.bounds.layers import Layer, ReLU, layers
 from qlib.bounds.methods import (
     METHODS,
@@ -87,6 +88,7 @@ def margin_interval(
     return margins
 
 
+@checked_once()
 def margins_and_logits(
     model: nn.Module,
     X: Tensor,

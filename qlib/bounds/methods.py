@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from qlib.bounds import rounding
-from qlib.bounds.base import DERIVED
+from qlib.bounds.base import DERIVED, checked_once
 from qlib.bounds.layers import ReLU, layers
 from qlib.bounds.perlayer import AnyPerturbation, check_perturbation, resolve
 from qlib.bounds.propagation import (
@@ -134,6 +134,7 @@ def _check_inputs(model: nn.Module, X: Tensor, pert: AnyPerturbation) -> None:
         raise ValueError("X must be finite and in [0, 1] (the nominal input must be a valid input)")
 
 
+@checked_once()
 def logit_bounds(
     model: nn.Module,
     X: Tensor,
@@ -260,6 +261,7 @@ for _name, _kind in zip(METHODS, (None, CrownIbpOptions, FastOptions, CrownOptio
     register_method(_name, _builtin(_name), options=_kind)
 
 
+@checked_once()
 def bound_coefficients(
     model: nn.Module,
     X: Tensor,

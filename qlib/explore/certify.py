@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from qlib import bounds
 from qlib.bounds import rounding
 from qlib.bounds.affine import IntervalMemo, remember_intervals
+from qlib.bounds.base import checked_once, version
 from qlib.bounds.measures import true_probability
 from qlib.quant import LayerPerturbation
 
@@ -102,15 +103,14 @@ def _layer_box(name: str, m: nn.Module) -> tuple[float, float, float, float]:
         int(wq.num_bits),
         bool(wq.is_enabled),
         None if wq.amax is None else tuple(wq.amax.flatten().tolist()),
-        W.data_ptr(),
-        W._version,
+        version(m.weight),
     )
     key = (
         float(iq.amax),
         int(iq.num_bits),
         bool(iq.unsigned),
         weight_key,
-        None if m.bias is None else (m.bias.data_ptr(), m.bias._version),
+        None if m.bias is None else version(m.bias),
     )
     memo = _LAYER_BOXES.setdefault(m, {})
     if key in memo:
@@ -233,7 +233,7 @@ class Certifier:
 
     def nominal(self, model: nn.Module) -> Tensor:
         """``bounds.float_logits(model, X)``, computed once per model and weights."""
-        versions = tuple(p._version for p in model.parameters())
+        versions = tuple(version(p) for p in model.parameters())
         hit = self._nominal
         if hit is None or hit[0]() is not model or hit[1] != versions:
             with torch.no_grad():
@@ -250,7 +250,7 @@ class Certifier:
 
     def __call__(self, model: nn.Sequential, box: LayerPerturbation) -> Certificate:
         t0 = time.perf_counter()
-        with remember_intervals(self._memo):
+        with remember_intervals(self._memo), checked_once():
             return self._certify(model, box, t0)
 
     def _certify(self, model: nn.Sequential, box: LayerPerturbation, t0: float) -> Certificate:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from qlib import data, models, zoo
+from qlib.bounds.base import checked_once
 from qlib.explore import certify, fakequant, traffic, weather
 from qlib.explore.workload import DatasetSpec, Workload
 
@@ -174,7 +175,8 @@ class Evaluator:
         """The certified objective of ``genome`` (``ValueError`` without a certifier)."""
         if self.certifier is None:
             raise ValueError("this evaluator has no certified objective (workload key certified)")
-        return self.certifier(self.float_model, self.box(genome))
+        with checked_once():  # the weights hold still for one certificate
+            return self.certifier(self.float_model, self.box(genome))
 
     def __call__(self, genome: Sequence[int]) -> tuple:
         """(accuracy, cost, seconds) of one genome; with a certified objective
