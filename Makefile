@@ -41,7 +41,7 @@ check: setup
 
 # Lint first: CI enforces one formatting and ruff's checks before running any test.
 test: setup lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 lab: setup
 	$(BIN)/jupyter lab notebooks/

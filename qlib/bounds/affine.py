@@ -25,6 +25,7 @@ from qlib.bounds.base import (
     abs_dot,
     as_float64,
     converted,
+    same,
     step_slack,
     version,
 )
@@ -62,7 +63,7 @@ class IntervalMemo(BoundedCache):
         if (
             hit is not None
             and (hit[0] is None if anchor is None else hit[0]() is anchor)
-            and all(torch.equal(a, b) for a, b in zip(hit[1], inputs, strict=True))
+            and all(same(a, b) for a, b in zip(hit[1], inputs, strict=True))
         ):
             self.hits += counted
             return hit[2]

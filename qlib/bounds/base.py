@@ -42,6 +42,7 @@ __all__ = [
     "TensorMemo",
     "version",
     "checked_once",
+    "same",
 ]
 
 T = TypeVar("T")
@@ -105,7 +106,7 @@ def version(tensor: Tensor) -> tuple[int, int]:
         if hit is not None and hit[0]() is tensor:
             return key, hit[1]
     entry = _SNAPSHOTS.get(key)
-    if entry is None or entry[0]() is not tensor or not _same(entry[1], tensor):
+    if entry is None or entry[0]() is not tensor or not same(entry[1], tensor):
         ref = weakref.ref(tensor, functools.partial(_forget, key))
         entry = _SNAPSHOTS[key] = (ref, tensor.detach().clone(), next(_GENERATIONS))
     if checked is not None:
@@ -129,7 +130,7 @@ def checked_once() -> Iterator[None]:
         _CHECKED.reset(token)
 
 
-def _same(a: Tensor, b: Tensor) -> bool:
+def same(a: Tensor, b: Tensor) -> bool:
     """Whether ``b`` holds the values of ``a`` (NaN never equals itself, so a non-finite tensor
     is never taken from a cache)."""
     if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
