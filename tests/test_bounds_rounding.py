@@ -326,3 +326,26 @@ def test_bounds_follow_weights_changed_in_place_through_data(method: str):
         lower, upper = bounds.logit_bounds(net, X, pert, method)
     z = attack.perturbed_forward(net, X, pert)  # the nominal network as it is now
     assert (lower <= z).all() and (z <= upper).all()
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp", "crown-fast", "crown"])
+def test_float32_bounds_of_float64_images_contain_the_images_themselves(method: str):
+    """Images finer than the format the bounds are computed in are not rounded to it: their box
+    is, outward. Rounding x = 0.1 to float32 moves it by 1.5e-9, which a first weight of 1e5
+    makes 1.5e-4 at the logit, outside bounds of width 1e-10 (found by fuzzing against MILP
+    witnesses)."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 1))
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([[1e5], [0.0]]))
+        net[1].bias.copy_(torch.tensor([-1e4, 0.0]))
+        net[3].weight.copy_(torch.tensor([[1.0, 0.0]]))
+        net[3].bias.zero_()
+    X = torch.tensor([[[0.1]], [[0.3]]], dtype=torch.float64)
+    y = torch.zeros(2, dtype=torch.long)
+    for pert in (Perturbation(), Perturbation(1e-9, 0.0, 0.0, 0.0)):
+        z = attack.perturbed_forward(net, X, pert)  # the float64 images' true logits
+        lower, upper = bounds.logit_bounds(net, X, pert, method, dtype=torch.float32)
+        assert lower.dtype == torch.float32
+        assert (lower.double() <= z).all() and (z <= upper.double()).all(), (pert, lower, z)
+        _, logits = bounds.margins_and_logits(net, X, y, pert, method, dtype=torch.float32)
+        assert (logits.lower.double() <= z).all() and (z <= logits.upper.double()).all()

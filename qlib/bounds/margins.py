@@ -145,9 +145,9 @@ def margins_and_logits(
     step = chunk or chunk_size(len(X), rows, net)
     stop = 0 if method in ("crown-fast", "crown") else logit_stop(net, method, options)
 
-    def bound(xs: Tensor, ys: Tensor, start: int) -> tuple[Interval, Interval]:
-        n, dt = len(xs), xs.dtype
-        boxes = forward_bounds(net, xs, pert, method, options)
+    def bound(xs: Tensor, ys: Tensor, start: int, dt: torch.dtype) -> tuple[Interval, Interval]:
+        n = len(xs)
+        boxes = forward_bounds(net, xs, pert, method, options, dtype=dt)
         eye = torch.eye(classes, dtype=dt)
         C = eye[ys].unsqueeze(1) - eye.unsqueeze(0)  # [n, classes, classes]: row j = e_y - e_j
         C = C.gather(1, _others(ys, classes)[..., None].expand(-1, -1, classes))
@@ -190,7 +190,7 @@ def margins_and_logits(
             xs, ys = X[start : start + step], y[start : start + step]
             # An overflowing chunk comes back in float64, and the concatenation promotes.
             part = _unless_overflow(
-                lambda dt, xs=xs, ys=ys, start=start: bound(xs.to(dt), ys, start),
+                lambda dt, xs=xs, ys=ys, start=start: bound(xs, ys, start, dt),
                 dtype,
                 lambda p: (t for iv in p for t in (iv.lower, iv.upper)),
             )

@@ -234,13 +234,12 @@ def _propagate(
     cache: dict = {}  # sample-independent back-substituted rows, shared by the chunks
     with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
         for start in range(0, len(X), step):
-            xs = X[start : start + step].to(dtype)
-            boxes = forward_bounds(net, xs, pert, method, options, cache=cache)
+            xs = X[start : start + step]  # not rounded to dtype: its box is, outward
+            boxes = forward_bounds(net, xs, pert, method, options, cache=cache, dtype=dtype)
             out = boxes[-1]
             if method != "ibp":
-                low = backsubstitute(
-                    net, len(net) - 1, identity_spec(net[-1].out_shape, xs), boxes, pert, stop
-                )
+                spec = identity_spec(net[-1].out_shape, boxes[0].lower)
+                low = backsubstitute(net, len(net) - 1, spec, boxes, pert, stop)
                 low = low.reshape(len(xs), 2, -1)
                 out = Interval(low[:, 0], -low[:, 1]).intersect(
                     Interval(out.lower.flatten(1), out.upper.flatten(1))

@@ -114,11 +114,20 @@ def input_box(
 ) -> Interval:
     """``[clamp(x - eps_x, 0, 1), clamp(x + eps_x, 0, 1)]`` for ``X`` [N, *shape] in [0, 1],
     rounded outward. With an input clip ``c`` (``LayerPerturbation.input_clip``):
-    ``[max(min(x, c) - eps_x, 0), min(x, c) + eps_x]``."""
+    ``[max(min(x, c) - eps_x, 0), min(x, c) + eps_x]``. An ``X`` finer than ``dtype`` (float64
+    images bounded in float32) gives its box in its own format, converted outward: rounding the
+    images to the nearest float32 first would bound other images."""
     if isinstance(pert, Resolved):
         pert = pert.input
     elif isinstance(pert, LayerPerturbation):
         pert = Clipped(eps_input=pert.eps_input, clip=pert.input_clip)
+    if X.dtype.is_floating_point and torch.finfo(X.dtype).eps < torch.finfo(dtype).eps:
+        box = input_box(X, pert, X.dtype)
+        down, up = (
+            rounding.convert(box.lower, dtype, "down"),
+            rounding.convert(box.upper, dtype, "up"),
+        )
+        return Interval(down.clamp(min=0.0), up.clamp(max=1.0) if clip_of(pert) is None else up)
     X = X.to(dtype)
     eps = rounding.ceil(pert.eps_input, dtype)
     clip = clip_of(pert)
@@ -136,14 +145,14 @@ def input_box(
     )
 
 
-def _remembered_input_box(X: Tensor, pert: Resolved) -> Interval:
-    """``input_box(X, pert)``, from the memo of an enclosing ``remember_intervals`` when the
-    same images met the same input radius before (it is a few passes over the whole input)."""
+def _remembered_input_box(X: Tensor, pert: Resolved, dtype: torch.dtype) -> Interval:
+    """``input_box(X, pert, dtype)``, from the memo of an enclosing ``remember_intervals`` when
+    the same images met the same input radius before (it is a few passes over the whole input)."""
     memo = affine.memo()
     if memo is None or X.requires_grad:
-        return input_box(X, pert, X.dtype)
-    key = ("input", pert.input, rounding.enabled(), X.dtype, X.shape, float(X.sum()))
-    return memo.recall(key, None, (X,), lambda: input_box(X, pert, X.dtype))
+        return input_box(X, pert, dtype)
+    key = ("input", pert.input, rounding.enabled(), X.dtype, dtype, X.shape, float(X.sum()))
+    return memo.recall(key, None, (X,), lambda: input_box(X, pert, dtype))
 
 
 def backsubstitute(
@@ -218,9 +227,11 @@ def forward_bounds(
     options: CrownOptions | FastOptions | None = None,
     *,
     cache: dict | None = None,
+    dtype: torch.dtype | None = None,
 ) -> list[Interval]:
     """Input intervals of every layer plus the output interval (``len(net) + 1`` entries) for the
-    batch ``X`` [N, *input_shape] (in its dtype); sets ``pre`` of every ReLU.
+    batch ``X`` [N, *input_shape], computed in ``dtype`` (default: ``X``'s; a finer ``X`` is
+    not rounded, its box is, outward); sets ``pre`` of every ReLU.
 
     ``method`` ``"ibp"`` or ``"crown-ibp"``: plain IBP. ``"crown"`` (``CrownOptions``): the
     pre-activations of the last ``intermediate_layers`` hidden layers (all if ``None``) are
@@ -246,7 +257,7 @@ def forward_bounds(
     cache = {} if cache is None else cache
     pert = resolve(net, pert)
     per = pert.layers
-    boxes = [_remembered_input_box(X, pert)]
+    boxes = [_remembered_input_box(X, pert, dtype or X.dtype)]
     ibp = boxes[0]  # the IBP chain, never intersected: the same on every path
     stop = fast_stop(net) if method == "crown-fast" else affine[crown.intermediate_stop]
     hidden = [i for i in affine[:-1] if i > stop]
