@@ -98,7 +98,8 @@ def version(tensor: Tensor) -> tuple[int, int]:
     its values do, found by comparing them with a private copy. A change through ``.data``
     (in-place quantisation, ``p.data.add_``) keeps the version counter, the storage and the
     identity all three, and caches keyed on those served the old weights to the next bound,
-    which was unsound. Inside ``checked_once`` each tensor is compared once."""
+    which was unsound. The copy lives as long as the tensor (a bounded model's parameters take
+    twice their memory). Inside ``checked_once`` each tensor is compared once."""
     key = id(tensor)
     checked = _CHECKED.get()
     if checked is not None:
