@@ -33,7 +33,7 @@ from qlib.fixedpoint import FixedPoint, ptq_sweep
 BASE = "fashion-mlp"
 
 
-def load_models(source: str) -> dict[str, torch.nn.Sequential]:
+def load_models(source: str, train_limit: int | None = None) -> dict[str, torch.nn.Sequential]:
     if source == "zoo":
         return {
             "normal": zoo.get(BASE, progress=False),
@@ -41,7 +41,7 @@ def load_models(source: str) -> dict[str, torch.nn.Sequential]:
             "QAT W8A8": zoo.qat(BASE, 8, progress=False),
             "QAT-KURE W8A8": zoo.qat(BASE, 8, kure=1.0, progress=False),
         }
-    train = data.load("fashion-mnist", "train")
+    train = data.load("fashion-mnist", "train", train_limit)
     out = {}
     for seed in range(4):
         net = models.build(zoo.recipe(BASE).arch, seed=seed)
@@ -56,10 +56,16 @@ def main() -> None:
     p.add_argument("--source", choices=("seeded", "zoo"), default="seeded")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--repeat", type=int, default=1, help="timed rounds (best is reported)")
+    p.add_argument(
+        "--test-limit", type=int, help="sweep on the first N test images (default: all 10,000)"
+    )
+    p.add_argument(
+        "--train-limit", type=int, help="seeded models: train on the first N images (default: all)"
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    nets = load_models(args.source)
-    X, y = data.load("fashion-mnist", "test")
+    nets = load_models(args.source, args.train_limit)
+    X, y = data.load("fashion-mnist", "test", args.test_limit)
     bits = list(range(2, 17))
     times, cpu, results = [], [], []
     for _ in range(args.repeat):
@@ -84,7 +90,8 @@ def main() -> None:
         "cpu_seconds": min(cpu),
         "load_average_1min": os.getloadavg()[0],
         "target_seconds": 60.0,
-        "meets_target": seconds < 60.0,
+        # The target is for the full test split; a shorter run has no verdict.
+        "meets_target": seconds < 60.0 if len(X) >= 10_000 else None,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "processor": platform.processor() or platform.machine(),
