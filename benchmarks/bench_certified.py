@@ -8,9 +8,9 @@
    against the certified objective (genome box, then the workload's bound method over its
    certification images), and the same certificate in other dtypes, stops and methods with the
    median certified value of each, and the workload's bound with its rounding margins off (not
-   a certificate: what soundness in floating point costs). Issue 14's target: the certificate costs at most the accuracy
-   evaluation (an evaluation at most 2x) on the Fashion MLP workload with ``crown-ibp`` over 256
-   images. Measured with torch's threads, then again with one thread, as each Dask worker of an
+   a certificate: what soundness in floating point costs). Issue 14's target: the certificate
+   costs at most the accuracy evaluation (an evaluation at most 2x) on the Fashion MLP workload
+   with ``crown-ibp`` over 256 images. Measured with torch's threads, then again with one thread, as each Dask worker of an
    exploration runs.
    Then the same two times per genome of the workload's own NSGA-II search, where genomes share
    bit widths and the certifier reuses repeated layers' intervals.

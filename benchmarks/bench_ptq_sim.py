@@ -1,7 +1,8 @@
 """Time of the published fixed-point PTQ sweep (``qlib.fixedpoint.ptq_sweep``).
 
 Usage (from the repository root): ``python benchmarks/bench_ptq_sim.py --out bench_ptq_sim.json
-[--source seeded|zoo] [--threads 1]``
+[--source seeded|zoo] [--threads 1] [--test-limit N] [--train-limit N]`` (the limits make a
+short run, for the book's quick profile; the target is for the full test split)
 
 Four Fashion-MNIST MLPs 784-256-128-64-32-16-10 times weight bit widths 2..16 (15), 4-bit
 inputs and activations, activation range 8 (the published setting), on the full test split
