@@ -143,6 +143,84 @@ def test_float_bounds_contain_the_exact_ones(case: str, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_relu_step_margin_covers_its_constant(dtype):
+    """A ReLU step's constant sums the upper offsets ``bu`` of a row's unstable neurons: one
+    offset of ``2/eps`` and 511 of 0.95, each lost against it in some summation order, which
+    puts the computed constant above the exact one. The slack of the step must cover the exact
+    difference, which the entries' part of the margin alone (``gamma_3``, exact entries here)
+    does not."""
+    k, big = 512, 2 / torch.finfo(dtype).eps
+    half = torch.full((1, k), 1.9, dtype=dtype)  # offsets 0.95: lost against 2/eps
+    rows = []
+    for p in (0, 1, k // 2, k - 1):  # the large offset at several places of the sum
+        half_p = half.clone()
+        half_p[0, p] = 2 * big
+        rows.append(half_p)
+    A = -torch.ones(1, len(rows), k, dtype=dtype)
+    for s, half_p in enumerate(rows):
+        relu = bounds.ReLU(0, nn.ReLU(), (k,))
+        relu.pre = bounds.Interval(-half_p, half_p)  # bu = u/2 for every neuron (eps_act 0)
+        out = relu.backward(
+            bounds.LinearBound(A[:, s : s + 1], torch.zeros(1, 1, dtype=dtype)), Perturbation()
+        )
+        al, bl, au, bu = (
+            [F(float(v)) for v in t[0].double()] for t in relu.relaxation(Perturbation())
+        )
+        coef = [-(au[j]) for j in range(k)]  # A = -1 takes the upper relaxation
+        exact_const = -sum(bu)
+        lo, up = (
+            [F(float(v)) for v in -half_p[0].double()],
+            [F(float(v)) for v in half_p[0].double()],
+        )
+        computed = [F(float(v)) for v in out.A[0, 0].double()]
+        # Over the box, exact - computed >= -slack at the worst z.
+        gap = (
+            exact_const
+            - F(float(out.const[0, 0]))
+            + sum(
+                min((c - a) * lo[j], (c - a) * up[j])
+                for j, (c, a) in enumerate(zip(coef, computed, strict=True))
+            )
+        )
+        assert gap >= -F(float(out.slack[0, 0])), (s, float(gap), float(out.slack[0, 0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_split_rises_contain_the_exact_interval(dtype):
+    """Inside ``remember_intervals`` the layer that reads the input splits its rises into
+    products that do not depend on the weight radius plus sparse terms for the weights within
+    that radius of zero (``Linear.split_rises``). Weights at 0, inside, at and just outside
+    ``±eps_w``, tiny and huge ones: the float interval must contain the exact one, for a first
+    radius and for a second one that reuses the remembered products; the split must be taken."""
+    e = 2.0**-6
+    g = torch.Generator().manual_seed(0)
+    special = [0.0] * 20  # pruned weights: each takes e in the rise and -e in the fall
+    special += [-e, e, -e / 2, e / 3, -e * 1.5, e * 1.25, 1e4, -1e4, 2.0**-20, -(2.0**-30)]
+    rows = []
+    for sign in (1.0, -1.0, 0.5):
+        far = (torch.rand(256 - len(special), generator=g) * 2 + 2 * e) * torch.where(
+            torch.rand(256 - len(special), generator=g) < 0.5, -1.0, 1.0
+        )
+        rows.append([sign * v for v in special] + far.tolist())
+    model = _mlp([(rows, [0.1, -0.2, 0.0])], dtype)
+    x_t = torch.rand(2, 256, generator=g, dtype=dtype)
+    x_t[:, ::7] = 0.0  # inputs clamped at 0 have half the width
+    memo = IntervalMemo()
+    for eps_w in (e, e / 2):
+        pert = Perturbation(eps_input=2.0**-9, eps_weight=eps_w, eps_bias=1e-3)
+        with remember_intervals(memo), torch.no_grad():
+            net = bounds.layers(model, x_t.shape[1:])
+            d = torch.ones(2, 256, dtype=dtype)
+            assert net[0].reads_input and net[0].split_rises(d, eps_w) is not None
+            lo, hi = bounds.logit_bounds(model, x_t, pert, "ibp", dtype=dtype)
+        for i in range(2):
+            ex_lo, ex_hi = _exact_ibp(model, [F(float(v)) for v in x_t[i].double()], pert)
+            for j in range(3):
+                assert F(float(lo[i, j])) <= ex_lo[j] and ex_hi[j] <= F(float(hi[i, j])), (i, j)
+    assert sum(k[0] == "widths" for k in memo.entries) == 2  # d of ones, and the box's width
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("method", ["ibp", "crown-ibp"])
 def test_without_the_margin_a_bound_is_wrong(method: str, dtype):
     """``1 + 2^p - 2^p`` sums to 0 or 1 depending on the order; with every eps zero the bounds
@@ -256,7 +334,8 @@ def test_remembered_weight_terms_follow_the_weights(change: str):
     are remembered across calls, since an exploration bounds many boxes of one model; once a
     weight or bias changes, in place, by assigning ``.data``, as a new parameter, or in place
     through ``.data`` (which keeps the version, the storage and the identity, as in-place
-    quantisation does), the bounds are those of a fresh copy of the model, bit for bit."""
+    quantisation does), the bounds are those of a fresh copy of the model in a fresh memo, bit
+    for bit."""
     import copy
 
     torch.manual_seed(1)
@@ -285,7 +364,8 @@ def test_remembered_weight_terms_follow_the_weights(change: str):
         for dtype in (torch.float32, torch.float64):
             with remember_intervals(memo):
                 got = bounds.logit_bounds(model, X, pert, method, dtype=dtype)
-            want = bounds.logit_bounds(fresh, X, pert, method, dtype=dtype)
+            with remember_intervals(IntervalMemo()):  # the rules a memo's first call takes
+                want = bounds.logit_bounds(fresh, X, pert, method, dtype=dtype)
             assert torch.equal(got.lower, want.lower) and torch.equal(got.upper, want.upper)
 
 

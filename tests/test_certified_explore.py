@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from qlib import bounds, milp, models, zoo
+from qlib.bounds.affine import IntervalMemo, remember_intervals
 from qlib.explore import certify, context, fakequant, run
 from qlib.explore import workload as wl
 from qlib.explore.store import Store
@@ -189,7 +190,8 @@ def test_certifier_reuses_the_nominal_logits_until_the_weights_change(prepared):
     assert cert.nominal(model) is first
     assert torch.equal(first, bounds.float_logits(model, cert.X))
     box = ev.box([10] * 6)
-    p = bounds.probability_bounds(model, cert.X, cert.y, box, "ibp")
+    with remember_intervals(IntervalMemo()), torch.no_grad():  # as a certifier bounds
+        p = bounds.probability_bounds(model, cert.X, cert.y, box, "ibp")
     p0 = torch.softmax(first, 1).gather(1, cert.y[:, None].long())[:, 0]
     fresh = torch.maximum(p.upper - p0, p0 - p.lower).mean().item()
     assert cert(model, box).value == pytest.approx(fresh, abs=1e-15)

@@ -233,7 +233,8 @@ def test_relaxing_clipped_layers_together_matches_one_by_one(dtype: torch.dtype)
 
 def test_remembered_intervals_are_exact_reuses():
     """``remember_intervals``: an affine layer's IBP interval is reused only for the same
-    weights, radii and input interval; every bound is bit for bit the one computed afresh."""
+    weights, radii and input interval; every bound is bit for bit the one computed afresh (in a
+    memo of its own: inside one, the first layer splits its rises, ``Affine.split_rises``)."""
     from qlib.bounds.affine import IntervalMemo, remember_intervals
 
     net = small_net("mlp", 4, 0)
@@ -245,7 +246,8 @@ def test_remembered_intervals_are_exact_reuses():
     memo = IntervalMemo()
     for box in boxes + boxes:
         for Xs in (X, X[:3]):
-            fresh = bounds.margin_interval(net, Xs, y[: len(Xs)], box, "crown-ibp")
+            with remember_intervals(IntervalMemo()):
+                fresh = bounds.margin_interval(net, Xs, y[: len(Xs)], box, "crown-ibp")
             with remember_intervals(memo):
                 got = bounds.margin_interval(net, Xs, y[: len(Xs)], box, "crown-ibp")
             assert torch.equal(got.lower, fresh.lower) and torch.equal(got.upper, fresh.upper)
@@ -257,7 +259,8 @@ def test_remembered_intervals_are_exact_reuses():
             getattr(net[1], change).mul_(0.5)
         with remember_intervals(memo):
             got = bounds.margin_interval(net, X, y, boxes[0], "crown-ibp")
-        fresh = bounds.margin_interval(net, X, y, boxes[0], "crown-ibp")
+        with remember_intervals(IntervalMemo()):
+            fresh = bounds.margin_interval(net, X, y, boxes[0], "crown-ibp")
         assert torch.equal(got.lower, fresh.lower) and torch.equal(got.upper, fresh.upper)
 
 
@@ -266,8 +269,8 @@ def test_remembered_intervals_are_exact_reuses():
 def test_remembered_input_terms_are_exact_reuses(arch: str, dtype: torch.dtype):
     """Inside ``remember_intervals`` the input box and the parts of an affine layer's interval
     that depend on the lower end of its input alone are reused when only the layer's radii
-    change: every bound stays bit for bit the one computed afresh, also for other images of the
-    same shape and sum, and after a weight changes."""
+    change: every bound stays bit for bit the one computed afresh in a new memo, also for other
+    images of the same shape and sum, and after a weight changes."""
     from qlib.bounds.affine import IntervalMemo, remember_intervals
     from qlib.bounds.base import version
 
@@ -288,7 +291,8 @@ def test_remembered_input_terms_are_exact_reuses(arch: str, dtype: torch.dtype):
     for Xs, ys, box in [(X, y, first), (X, y, other), (X.flip(0), y.flip(0), other)]:
         with remember_intervals(memo):
             got = bounds.margin_interval(net, Xs, ys, box, "crown-ibp", dtype=dtype)
-        fresh = bounds.margin_interval(net, Xs, ys, box, "crown-ibp", dtype=dtype)
+        with remember_intervals(IntervalMemo()):
+            fresh = bounds.margin_interval(net, Xs, ys, box, "crown-ibp", dtype=dtype)
         assert torch.equal(got.lower, fresh.lower) and torch.equal(got.upper, fresh.upper)
         if box is other and Xs is X:  # the radii are not in the key of the lower terms
             assert [k[0] for k in memo.entries].count("input") == 1
@@ -297,5 +301,6 @@ def test_remembered_input_terms_are_exact_reuses(arch: str, dtype: torch.dtype):
         first_affine.weight.mul_(0.5)
     with remember_intervals(memo):
         got = bounds.margin_interval(net, X, y, other, "crown-ibp", dtype=dtype)
-    fresh = bounds.margin_interval(net, X, y, other, "crown-ibp", dtype=dtype)
+    with remember_intervals(IntervalMemo()):
+        fresh = bounds.margin_interval(net, X, y, other, "crown-ibp", dtype=dtype)
     assert torch.equal(got.lower, fresh.lower) and torch.equal(got.upper, fresh.upper)

@@ -303,7 +303,9 @@ def rowdot(A: Tensor, v: Tensor) -> Tensor:
     )
 
 
-def step_slack(bound: LinearBound, parts: list[tuple[Tensor, int, int | None]]) -> Tensor | None:
+def step_slack(
+    bound: LinearBound, parts: list[tuple[Tensor, int, int | None]], widest: int | None = None
+) -> Tensor | None:
     """The slack after one backward step: the old one plus the step's rounding margin.
 
     ``parts``: triples ``(abs_value, n, summed)``, each the evaluation on absolute values
@@ -311,10 +313,10 @@ def step_slack(bound: LinearBound, parts: list[tuple[Tensor, int, int | None]]) 
     whose terms passed through at most ``summed`` (``None``: ``n``; see ``rounding.margin``).
     An elementwise step's coefficient errors need ``gamma_3``, not the ``gamma`` of a dot
     product: the sum over the coefficients is the bound's, not a computed one. ``|const|`` is
-    covered with the largest ``n``."""
+    covered with ``widest`` (default: the largest ``n``)."""
     if not rounding.enabled():
         return bound.slack
-    widest = max(n for _, n, _ in parts)
+    widest = max(n for _, n, _ in parts) if widest is None else widest
     step = rounding.margin(bound.const.abs(), widest)
     for abs_value, n, summed in parts:
         step = rounding.up(step + rounding.margin(abs_value, n, summed))

@@ -91,6 +91,8 @@ def layers(model: nn.Module, in_shape: Sequence[int]) -> list[Layer]:
             layer = cls(i, module, shape)
         except RuntimeError as e:
             raise ValueError(f"{name}: input shape {shape} does not fit: {e}") from e
+        if isinstance(layer, Affine) and not any(isinstance(o, Affine) for o in out):
+            layer.reads_input = True  # only Flattens before it
         out.append(layer)
         shape = layer.out_shape
     if last_kind != "affine":
