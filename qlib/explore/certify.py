@@ -91,11 +91,14 @@ def _affine_names(model: nn.Module) -> list[str]:
 # the whole part per (input bits, weight bits), and the weight quantiser's share per weight bits
 # alone, which a search meets again with every input bit width.
 _LAYER_BOXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Per quantised model, the lists of quantised layers found to hold every affine layer (a walk
+# over its modules per genome otherwise).
+_COMPLETE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _layer_box(name: str, m: nn.Module) -> tuple[float, float, float, float]:
-    """``(clip, radius, eps_weight, eps_bias)`` of quantised layer ``m`` at its current bits."""
-    iq, wq = m.input_quantizer, m.weight_quantizer
+def _layer_box(name: str, m: nn.Module, iq: nn.Module, wq: nn.Module) -> tuple[float, ...]:
+    """``(clip, radius, eps_weight, eps_bias)`` of quantised layer ``m`` at its current bits
+    (``iq``, ``wq``: its input and weight quantisers)."""
     if iq.amax is None:
         raise CertifyError(f"layer {name!r} has no calibrated input range (amax)")
     W = m.weight.detach()
@@ -140,17 +143,19 @@ def genome_box(qnet, genome: Sequence[int]) -> LayerPerturbation:
     ``CertifyError`` naming the layer otherwise.
     """
     qnet.set_bits(genome)
-    names = _affine_names(qnet.model)
-    if list(qnet.layers) != names:
-        missing = [n for n in names if n not in qnet.layers]
-        raise CertifyError(
-            f"layers {missing} are not quantised: a certificate needs every Linear and Conv2d "
-            "layer quantised (workload key layers: conv+linear)"
-        )
-    mods = dict(qnet.model.named_modules())
+    complete = _COMPLETE.setdefault(qnet.model, set())
+    if tuple(qnet.layers) not in complete:
+        names = _affine_names(qnet.model)
+        if list(qnet.layers) != names:
+            missing = [n for n in names if n not in qnet.layers]
+            raise CertifyError(
+                f"layers {missing} are not quantised: a certificate needs every Linear and Conv2d "
+                "layer quantised (workload key layers: conv+linear)"
+            )
+        complete.add(tuple(qnet.layers))
     clips, radii, eps_w, eps_b = [], [], [], []
-    for name in names:
-        clip, radius, ew, eb = _layer_box(name, mods[name])
+    for name, parts in zip(qnet.layers, qnet.quantized(), strict=True):
+        clip, radius, ew, eb = _layer_box(name, *parts)
         clips.append(clip)
         radii.append(radius)
         eps_w.append(ew)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -133,10 +133,23 @@ class QuantNet:
 
     model: nn.Module
     layers: list[str]
+    _parts: list | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def n_genes(self) -> int:
         return 2 * len(self.layers)
+
+    def quantized(self) -> list[tuple[nn.Module, nn.Module, nn.Module]]:
+        """``(module, input quantiser, weight quantiser)`` per quantised layer, in genome order,
+        looked up once: every attribute of a ModelOpt module goes through its dynamic
+        ``__getattr__`` (tens of microseconds), and each evaluation and certificate reads a
+        dozen."""
+        if self._parts is None:
+            mods = dict(self.model.named_modules())
+            self._parts = [
+                (mods[n], mods[n].input_quantizer, mods[n].weight_quantizer) for n in self.layers
+            ]
+        return self._parts
 
     def set_bits(self, genome: Sequence[int]) -> None:
         """Set bits per quantiser: ``genome[2i]`` input and ``genome[2i+1]`` weight of layer i."""
@@ -144,10 +157,9 @@ class QuantNet:
             raise ValueError(f"genome has {len(genome)} genes, expected {self.n_genes}")
         if min(genome) < 2:
             raise ValueError(f"bits must be >= 2 (1 bit gives NaN), got {list(genome)}")
-        mods = dict(self.model.named_modules())
-        for i, name in enumerate(self.layers):
-            mods[name].input_quantizer.num_bits = int(genome[2 * i])
-            mods[name].weight_quantizer.num_bits = int(genome[2 * i + 1])
+        for i, (_, iq, wq) in enumerate(self.quantized()):
+            iq.num_bits = int(genome[2 * i])
+            wq.num_bits = int(genome[2 * i + 1])
 
     @contextlib.contextmanager
     def frozen_weights(self) -> Iterator[None]:
@@ -156,26 +168,25 @@ class QuantNet:
         Gives the same outputs (weights are constant within one genome) and saves ModelOpt's
         per-call weight quantisation; the float weights are restored on exit.
         """
-        mods = dict(self.model.named_modules())
-        saved = {}
+        saved = []
         try:
             with torch.no_grad():
-                for name in self.layers:
-                    m = mods[name]
-                    saved[name] = m.weight.data
-                    if m.weight_quantizer.is_enabled:
-                        m.weight.data = m.weight_quantizer(m.weight.data)
-                        m.weight_quantizer.disable_quant()
+                for m, _, wq in self.quantized():
+                    saved.append((m, wq, m.weight.data))
+                    if wq.is_enabled:
+                        m.weight.data = wq(m.weight.data)
+                        wq.disable_quant()
             yield
         finally:
-            for name, w in saved.items():
-                mods[name].weight.data = w
-                mods[name].weight_quantizer.enable_quant()
+            for m, wq, w in saved:
+                m.weight.data = w
+                wq.enable_quant()
 
     def input_amax(self) -> dict[str, float]:
         """Calibrated input range per layer (to rebuild the network elsewhere with ``restore``)."""
-        mods = dict(self.model.named_modules())
-        return {n: float(mods[n].input_quantizer.amax) for n in self.layers}
+        return {
+            n: float(iq.amax) for n, (_, iq, _) in zip(self.layers, self.quantized(), strict=True)
+        }
 
 
 def quantizable_layers(model: nn.Module, conv_only: bool) -> list[str]:
