@@ -186,7 +186,7 @@ def search_cost(workload: Path, generations: int | None, threads: int | None = N
     workload's; run serially in this process): the accuracy evaluation against the certificate,
     each timed where the evaluator calls it. Unlike ``certified_cost``'s random genomes, a
     search's genomes share bit widths, so the certifier reuses the IBP intervals of repeated
-    leading layers (``qlib.bounds.affine.remember_intervals``); its hits and misses are
+    leading layers (``qlib.bounds.memo.remember_intervals``); its hits and misses are
     reported."""
     from qlib.explore import context, run
     from qlib.explore import workload as wl

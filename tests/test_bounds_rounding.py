@@ -15,7 +15,7 @@ from torch import nn
 
 from qlib import attack, bounds, models
 from qlib.bounds import rounding
-from qlib.bounds.affine import IntervalMemo, remember_intervals
+from qlib.bounds.memo import IntervalMemo, remember_intervals
 from qlib.quant import Perturbation
 
 F = Fraction

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from qlib import bounds, milp, models, zoo
-from qlib.bounds.affine import IntervalMemo, remember_intervals
+from qlib.bounds.memo import IntervalMemo, remember_intervals
 from qlib.explore import certify, context, fakequant, run
 from qlib.explore import workload as wl
 from qlib.explore.store import Store

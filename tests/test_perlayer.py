@@ -235,7 +235,7 @@ def test_remembered_intervals_are_exact_reuses():
     """``remember_intervals``: an affine layer's IBP interval is reused only for the same
     weights, radii and input interval; every bound is bit for bit the one computed afresh (in a
     memo of its own: inside one, the first layer splits its rises, ``Affine.split_rises``)."""
-    from qlib.bounds.affine import IntervalMemo, remember_intervals
+    from qlib.bounds.memo import IntervalMemo, remember_intervals
 
     net = small_net("mlp", 4, 0)
     X = torch.rand(5, 1, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -271,8 +271,8 @@ def test_remembered_input_terms_are_exact_reuses(arch: str, dtype: torch.dtype):
     that depend on the lower end of its input alone are reused when only the layer's radii
     change: every bound stays bit for bit the one computed afresh in a new memo, also for other
     images of the same shape and sum, and after a weight changes."""
-    from qlib.bounds.affine import IntervalMemo, remember_intervals
     from qlib.bounds.base import version
+    from qlib.bounds.memo import IntervalMemo, remember_intervals
 
     net = small_net(arch, 6, 3)
     X = torch.rand(4, 1, 6, 6, generator=torch.Generator().manual_seed(3))

@@ -37,7 +37,7 @@ affine layer and per hidden ReLU, and optional clips: a hidden ReLU with clip ``
 clip makes the input ``min(x, c) + δ >= 0``. ``perlayer.resolve`` gives each layer its own scalar
 ``Perturbation`` (``Clipped`` where a clip applies); a uniform ``Perturbation`` is passed to every
 layer unchanged. A caller that bounds one batch under many boxes (an exploration's genomes) may
-wrap its calls in ``affine.remember_intervals``: an affine layer's IBP interval is then reused
+wrap its calls in ``memo.remember_intervals``: an affine layer's IBP interval is then reused
 when the same weights meet the same radii and an equal input interval.
 
 For convolutions the weight kernel is shared across positions, but the bounds let every output

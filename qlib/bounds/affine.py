@@ -4,13 +4,9 @@ and differ only in how a weight is applied and transposed."""
 
 from __future__ import annotations
 
-import contextlib
 import math
-import weakref
 from abc import abstractmethod
-from collections.abc import Callable, Iterator
-from contextvars import ContextVar
-from typing import TypeVar
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,95 +15,24 @@ from torch import Tensor, nn
 from qlib.bounds import rounding
 from qlib.bounds.base import (
     DERIVED,
-    BoundedCache,
     Layer,
     RowDelta,
     abs_dot,
     as_float64,
     converted,
-    same,
     step_slack,
     version,
 )
+from qlib.bounds.memo import memo as _memo
 from qlib.bounds.values import Interval, LinearBound
 from qlib.quant import Perturbation
 
-__all__ = ["Affine", "Conv2d", "IntervalMemo", "Linear", "memo", "remember_intervals"]
-
-T = TypeVar("T")
-
-
-class IntervalMemo(BoundedCache):
-    """Affine layers' IBP intervals, the input box, and the parts of an interval that depend on
-    its input alone, kept by the layer's weight, radii, dtype and input for
-    ``remember_intervals``, up to ``max_bytes`` counted per entry (entries share their input
-    tensors, so they take less). ``hits`` and ``misses`` count the intervals."""
-
-    def __init__(self, max_bytes: int = 256 * 2**20) -> None:
-        super().__init__(max_bytes)
-        self.hits = self.misses = 0
-
-    def recall(
-        self,
-        key: tuple,
-        anchor: Tensor | None,
-        inputs: tuple[Tensor, ...],
-        make: Callable[[], T],
-        counted: bool = False,
-    ) -> T:
-        """``make()``, remembered under ``key`` for ``anchor`` (a weight, held weakly; ``None``:
-        none) and ``inputs``, compared element by element, so that a hit is exact (the key
-        should carry sums of the inputs, to tell entries apart). ``counted``: in ``hits`` and
-        ``misses``."""
-        hit = self.lookup(key)
-        if (
-            hit is not None
-            and (hit[0] is None if anchor is None else hit[0]() is anchor)
-            and all(same(a, b) for a, b in zip(hit[1], inputs, strict=True))
-        ):
-            self.hits += counted
-            return hit[2]
-        self.misses += counted
-        value = make()
-        parts = [*inputs, *(value if isinstance(value, tuple) else (value,))]
-        parts = [
-            t for p in parts for t in ((p.lower, p.upper) if isinstance(p, Interval) else (p,))
-        ]
-        size = sum(t.nbytes for t in parts if isinstance(t, Tensor))
-        ref = None if anchor is None else weakref.ref(anchor)
-        self.store(key, (ref, inputs, value), size)
-        return value
-
-
-def memo() -> IntervalMemo | None:
-    """The memo of the enclosing ``remember_intervals`` block, if any."""
-    return _MEMO.get()
-
-
-_MEMO: ContextVar[IntervalMemo | None] = ContextVar("qlib_bounds_memo", default=None)
+__all__ = ["Affine", "Conv2d", "Linear"]
 
 
 def _differentiable(w: Tensor) -> bool:
     """Whether results from ``w`` must carry gradients (never remembered then)."""
     return w.requires_grad and torch.is_grad_enabled()
-
-
-@contextlib.contextmanager
-def remember_intervals(memo: IntervalMemo) -> Iterator[None]:
-    """Inside the block, an affine layer's IBP interval is taken from ``memo`` when the same
-    layer (weight and bias unchanged) meets the same radii and an input interval equal element by
-    element to one it met before, and stored there otherwise. For a caller that bounds one batch
-    under many perturbations whose first layers repeat: the genomes of an exploration share bit
-    widths, and the first layer of the Fashion MLP is most of its IBP time. Off by default, so
-    that a timed bound is computed. Inside, the layer that reads the input also splits its rises
-    (``Affine.split_rises``), so that their products are remembered across its weight radii: its
-    bounds differ slightly from those computed outside (a digits certificate's value by 1.3e-6,
-    relative), both sound."""
-    token = _MEMO.set(memo)
-    try:
-        yield
-    finally:
-        _MEMO.reset(token)
 
 
 class Affine(Layer):
@@ -179,7 +104,7 @@ class Affine(Layer):
         narrow box is far larger than the width, while the rises' error scales with the width
         itself; in float64 the base's margin may use the cheap bound ``max(l) Σ|W| >= |W| l``.
         """
-        memo, w, b = _MEMO.get(), self.module.weight, self.module.bias
+        memo, w, b = _memo(), self.module.weight, self.module.bias
         if memo is not None and not _differentiable(w):
             key = (
                 "interval", version(w), None if b is None else version(b),
@@ -268,7 +193,7 @@ class Affine(Layer):
         ``max l`` (float64 base) or ``|W| l`` (a base in the box's format). Remembered inside
         ``remember_intervals``: the input of the first layer repeats far more often than its
         radii do (an exploration's genomes share the input's bit width)."""
-        memo, w = _MEMO.get(), self.module.weight
+        memo, w = _memo(), self.module.weight
         if memo is None or _differentiable(w):
             return self._lower_terms(lo)
         key = ("lower", version(w), rounding.enabled(), lo.dtype, lo.shape, float(lo.sum()))
@@ -415,7 +340,7 @@ class Linear(Affine):
         return A.sum(-1, keepdim=True).expand(*A.shape[:-1], self.module.in_features)
 
     def split_rises(self, d: Tensor, eps_w: float) -> tuple[Tensor, Tensor] | None:
-        memo, w = _MEMO.get(), self.module.weight
+        memo, w = _memo(), self.module.weight
         if not self.reads_input or memo is None or not eps_w or _differentiable(w):
             return None
         dtype = d.dtype

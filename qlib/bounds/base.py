@@ -159,7 +159,7 @@ _CHECKED: ContextVar[dict[int, tuple[weakref.ref, int]] | None] = ContextVar(
 
 class BoundedCache:
     """Entries kept up to ``max_bytes`` (and 4096 entries), the least recently used dropped
-    first: the storage of ``TensorMemo`` and ``affine.IntervalMemo``."""
+    first: the storage of ``TensorMemo`` and ``memo.IntervalMemo``."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes

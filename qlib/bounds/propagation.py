@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from qlib.bounds import affine, rounding
+from qlib.bounds import memo as memos
+from qlib.bounds import rounding
 from qlib.bounds.base import rowdot
 from qlib.bounds.layers import Affine, Clipped, Flatten, Layer, ReLU, clip_of, floor
 from qlib.bounds.perlayer import AnyPerturbation, Resolved, resolve
@@ -148,7 +149,7 @@ def input_box(
 def _remembered_input_box(X: Tensor, pert: Resolved, dtype: torch.dtype) -> Interval:
     """``input_box(X, pert, dtype)``, from the memo of an enclosing ``remember_intervals`` when
     the same images met the same input radius before (it is a few passes over the whole input)."""
-    memo = affine.memo()
+    memo = memos.memo()
     if memo is None or X.requires_grad:
         return input_box(X, pert, dtype)
     key = ("input", pert.input, rounding.enabled(), X.dtype, dtype, X.shape, float(X.sum()))

@@ -40,9 +40,9 @@ from torch import Tensor, nn
 
 from qlib import bounds
 from qlib.bounds import rounding
-from qlib.bounds.affine import IntervalMemo, remember_intervals
 from qlib.bounds.base import checked_once, version
 from qlib.bounds.measures import true_probability
+from qlib.bounds.memo import IntervalMemo, remember_intervals
 from qlib.quant import LayerPerturbation
 
 __all__ = [
