@@ -86,7 +86,7 @@ class ReLU(Layer):
             bu = _pick(unstable, rounding.up(bu + lift), bu)
         return self._remember(key, (al, bl, au, bu))
 
-    _relaxed: tuple | None = None  # (pre, (pert, margins on), relaxation, margin vectors)
+    _relaxed: tuple | None = None  # (pre, (pert, margins on), relaxation, margin vector)
 
     def _remembered(self, pert: Perturbation) -> tuple | None:
         """The remembered ``_relaxed`` if it is for the current ``pre`` and ``pert``."""
@@ -96,9 +96,9 @@ class ReLU(Layer):
         return None
 
     def _remember(
-        self, key: tuple, relaxation: tuple, vectors: tuple | None = None
+        self, key: tuple, relaxation: tuple, vector: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        self._relaxed = (self.pre, key, relaxation, vectors)
+        self._relaxed = (self.pre, key, relaxation, vector)
         return relaxation
 
     def restrict(self, idx: Tensor, box: Interval) -> None:
@@ -107,25 +107,21 @@ class ReLU(Layer):
         part equals the relaxation of ``box`` bit for bit, without its few dozen operations."""
         hit = self._relaxed
         if hit is not None and hit[0] is self.pre:
-            vectors = None if hit[3] is None else tuple(t[idx] for t in hit[3])
-            self._relaxed = (box, hit[1], tuple(t[idx] for t in hit[2]), vectors)
+            vector = None if hit[3] is None else hit[3][idx]
+            self._relaxed = (box, hit[1], tuple(t[idx] for t in hit[2]), vector)
         self.pre = box
 
     def margin_vector(self, pert: Perturbation) -> Tensor:
-        """``(2|al| + |au|) max(|l|, |u|) + r (2|bl| + |bu|)`` [N, *shape] of the relaxation, with
-        ``r >= gamma_{k+3} / gamma_3`` (``k`` neurons): what ``backward``'s rounding margin weighs
-        ``|A|`` with, once per relaxation. Its two parts are the entries' and the constant's, which
-        need different gammas; folding them into one vector costs ``backward`` one pass over
-        ``|A|`` instead of two (the fold's two roundings per term are counted there)."""
+        """``(2|al| + |au|) max(|l|, |u|) + r (2|bl| + |bu|)`` [N, *shape] of the relaxation
+        (``_margin_vector``): what ``backward``'s rounding margin weighs ``|A|`` with, once per
+        relaxation."""
         relaxation = self.relaxation(pert)
-        pre, key, _, vectors = self._relaxed
-        if not vectors or len(vectors) == 2:  # none yet, or the two parts of relax_together
+        pre, key, _, vector = self._relaxed
+        if vector is None:
             lo, up = self.pre.lower, self.pre.upper
-            on_entries, on_consts = vectors or _margin_vectors(*relaxation, lo, up)
-            ratio = _fold_ratio(lo[0].numel(), lo.dtype)
-            vectors = (torch.add(on_entries, on_consts, alpha=ratio),)
-            self._relaxed = (pre, key, relaxation, vectors)
-        return vectors[0]
+            vector = _margin_vector(*relaxation, lo, up, _fold_ratio(lo[0].numel(), lo.dtype))
+            self._relaxed = (pre, key, relaxation, vector)
+        return vector
 
     def backward(self, bound: LinearBound, pert: Perturbation) -> LinearBound:
         al, bl, au, bu = (t.unsqueeze(1) for t in self.relaxation(pert))
@@ -317,33 +313,33 @@ def relax_together(pairs: Sequence[tuple[ReLU, Perturbation]]) -> None:
     c_lo = column([floor(clip, dtype) for *_, clip in todo])
     eps = column([rounding.ceil(pert.eps_act, dtype) for _, pert, *_ in todo])
     relaxation = _clip_relaxation(lo, up, c_hi, c_lo, eps)
-    vectors = _margin_vectors(*relaxation, lo, up) if rounding.enabled() else ()
     parts = [t.split(sizes, 1) for t in relaxation]
-    vector_parts = [t.split(sizes, 1) for t in vectors]
+    vectors = [None] * len(todo)
+    if rounding.enabled():
+        ratio = column([_fold_ratio(size, dtype) for size in sizes])
+        vectors = _margin_vector(*relaxation, lo, up, ratio).split(sizes, 1)
     for k, (layer, _, key, _) in enumerate(todo):
         shape = layer.pre.lower.shape
-        layer._remember(
-            key,
-            tuple(part[k].reshape(shape) for part in parts),
-            tuple(part[k].reshape(shape) for part in vector_parts) or None,
-        )
+        vector = None if vectors[k] is None else vectors[k].reshape(shape)
+        layer._remember(key, tuple(part[k].reshape(shape) for part in parts), vector)
 
 
-def _margin_vectors(
-    al: Tensor, bl: Tensor, au: Tensor, bu: Tensor, lo: Tensor, up: Tensor
-) -> tuple[Tensor, Tensor]:
-    return (2 * al.abs() + au.abs()) * torch.maximum(lo.abs(), up.abs()), 2 * bl.abs() + bu.abs()
+def _margin_vector(
+    al: Tensor, bl: Tensor, au: Tensor, bu: Tensor, lo: Tensor, up: Tensor, ratio: float | Tensor
+) -> Tensor:
+    """``(2|al| + |au|) max(|l|, |u|) + ratio (2|bl| + |bu|)``: the entries' and the constant's
+    parts of a ReLU step's margin, which need different gammas, folded into one vector with
+    ``ratio >= gamma_{k+3} / gamma_3`` (``_fold_ratio``), so that ``ReLU.backward`` takes one
+    pass over ``|A|`` instead of two (the fold's roundings are counted there)."""
+    entries = (2 * al.abs() + au.abs()) * torch.maximum(lo.abs(), up.abs())
+    return entries + ratio * (2 * bl.abs() + bu.abs())
 
 
 @functools.lru_cache(maxsize=256)
 def _fold_ratio(k: int, dtype: torch.dtype) -> float:
-    """A number of ``dtype`` at least ``gamma_{k+3} / gamma_3`` (see ``ReLU.margin_vector``)."""
-    u = rounding.unit_roundoff(dtype)
-
-    def gamma(n: int) -> float:
-        return n * u / (1 - n * u)
-
-    return rounding.ceil(gamma(k + 3) / gamma(3) * (1 + 1e-9), dtype)
+    """A number of ``dtype`` at least ``gamma_{k+3} / gamma_3`` (see ``_margin_vector``)."""
+    ratio = rounding.gamma(k + 3, dtype) / rounding.gamma(3, dtype)
+    return rounding.ceil(ratio * (1 + 1e-9), dtype)
 
 
 # Boolean masks and torch.where cost 5-25x an arithmetic operation per element on the CPU (up to

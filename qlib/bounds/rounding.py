@@ -38,6 +38,7 @@ __all__ = [
     "enabled",
     "factor",
     "floor",
+    "gamma",
     "margin",
     "outward",
     "underflow",
@@ -73,15 +74,16 @@ def factor(n: int, dtype: torch.dtype, summed: int | None = None) -> float:
     of a non-negative sum ``S`` of at most ``summed`` terms (default ``n``), each term computed
     with at most ``summed`` roundings too: ``gamma_n (1 + 2 gamma_{summed+1})``, rounded up
     (``fl(S) >= S (1 - gamma_summed)`` and the product loses at most one more ``u``)."""
-    u = unit_roundoff(dtype)
     m = n if summed is None else max(n, summed)
-    if (m + 1) * u >= 0.01:
+    if (m + 1) * unit_roundoff(dtype) >= 0.01:
         raise ValueError(f"{m} terms are too many for a rounding bound in {dtype}")
+    return gamma(n, dtype) * (1 + 2 * gamma(m + 1, dtype)) * (1 + 1e-6)
 
-    def gamma(k: int) -> float:
-        return k * u / (1 - k * u)
 
-    return gamma(n) * (1 + 2 * gamma(m + 1)) * (1 + 1e-6)
+def gamma(n: int, dtype: torch.dtype) -> float:
+    """``gamma_n = n u / (1 - n u)`` of ``dtype`` (Higham's bound for ``n`` roundings)."""
+    u = unit_roundoff(dtype)
+    return n * u / (1 - n * u)
 
 
 def margin(abs_value: Tensor, n: int, summed: int | None = None) -> Tensor:
