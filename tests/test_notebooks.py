@@ -40,9 +40,19 @@ def executed_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("executed-notebooks")
 
 
+@pytest.fixture(scope="session")
+def book_cache(tmp_path_factory):
+    """One ``QLIB_CACHE`` for the session's notebooks, as ``make book`` gives them: a model that
+    several chapters train (the Fashion CNN of chapters 30-33) is trained once. It starts empty,
+    so no checkpoint from another version of the code is read; checkpoints and result stores are
+    keyed by everything that determines them, and each chapter still runs alone from cold."""
+    return tmp_path_factory.mktemp("book-cache")
+
+
 @pytest.mark.notebook
 @pytest.mark.parametrize("stem", STEMS)
-def test_notebook_runs_under_quick_profile(stem, executed_dir):
+def test_notebook_runs_under_quick_profile(stem, executed_dir, book_cache, monkeypatch):
+    monkeypatch.setenv("QLIB_CACHE", str(book_cache))
     outcome = book.execute(stem, "quick", out_dir=executed_dir, force=True)
     assert outcome.status == "executed", outcome.error
     executed = json.loads((executed_dir / f"{stem}.ipynb").read_text())
