@@ -130,7 +130,9 @@ class Affine(Layer):
         # Roundings per term of a rise: the width and the dot product, and three more when split.
         rise_n = self.fan_in + 1
         if split is None:
-            rise, fall = self.apply(d, rise_w), self.apply(d, fall_w)
+            # One product with both weights stacked: a GEMM twice as wide runs faster than two.
+            both = self.term("rise|fall", eps_w, dtype, lambda: torch.cat([rise_w, fall_w]))
+            rise, fall = self.apply(d, both).split(len(rise_w), dim=1)
         else:
             (rise, fall), rise_n = split, rise_n + 3
         base, ones, low_max, abs_base = self.lower_terms(lo)
