@@ -52,11 +52,12 @@ METHODS |= {
     "ibp f32": {"method": "ibp", **F32},
     "crown-ibp f32": {"method": "crown-ibp", **F32},
     "crown-fast (128) f32": {"method": "crown-fast", "options": Fast(128), **F32},
+    "crown-fast (192) f32": {"method": "crown-fast", "options": Fast(192), **F32},
     "crown (stop=1) f32": {"method": "crown", "options": Crown(1), **F32},
 }
 DEFAULT = ["ibp", "crown-ibp", "crown-fast (64)", "crown-fast (128)", "crown-fast (192)"]
 DEFAULT += ["crown (stop=1)", "crown (full)", "ibp f32", "crown-ibp f32", "crown-fast (128) f32"]
-DEFAULT += ["crown (stop=1) f32"]
+DEFAULT += ["crown-fast (192) f32", "crown (stop=1) f32"]
 
 
 def inputs(kind: str, n: int, seed: int) -> torch.Tensor:
