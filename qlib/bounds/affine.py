@@ -96,8 +96,8 @@ class Affine(Layer):
         so with ``Wu = W + eps_w`` and ``Wl = W - eps_w`` the output lies between
         ``W l - eps_w Σl + Wl⁻ d + b - eps_b`` and ``W l + eps_w Σl + Wu⁺ d + b + eps_b`` (``Σl``
         over each output's receptive field). That is tighter than the centre-radius rule
-        ``|W| r + eps_w Σ max(|l|, |u|)`` by ``eps_w (u_j - l_j)`` per term, and takes three
-        products: the base ``W l`` and the two rises over the width ``d``.
+        ``|W| r + eps_w Σ max(|l|, |u|)`` by ``eps_w (u_j - l_j)`` per term, and takes the base
+        product ``W l`` and the two rises over the width ``d`` (one product, weights stacked).
 
         Rounded outward. The base is computed in ``base_dtype`` (float64 for a Linear layer
         even when the box is float32): its rounding error scales with ``|W| l``, which for a
