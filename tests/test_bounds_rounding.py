@@ -238,6 +238,32 @@ def test_without_the_margin_a_bound_is_wrong(method: str, dtype):
     assert (lo <= 1).all() and (hi >= 1).all()
 
 
+def test_float32_back_substitution_of_a_cancelling_layer_keeps_its_width():
+    """The last step of a back-substitution takes ``A W l`` as ``A (W l)`` with IBP's float64
+    base (``Affine.concretise``), so the rounding of the float32 coefficients ``A W`` meets only
+    the box's width: on a layer whose weights ``±1e4`` cancel on ``l``, the float32 bounds of
+    ``±logit`` lie within 1e-4 (relative to the width) of the exact extremes over the same input
+    box, where a margin on ``|A W| u`` made them 30 % wider; and they contain them."""
+    model = _mlp([([[1e4, -1e4], [-1e4, 1e4]], [0.5, -0.25])], torch.float32)
+    x = torch.tensor([[0.5, 0.5]])
+    pert = Perturbation(eps_input=2.0**-20)
+    net = bounds.layers(model, x.shape[1:])
+    boxes = bounds.forward_bounds(net, x, pert, "crown-ibp")
+    eye = torch.eye(2)
+    spec = bounds.LinearBound(torch.cat([eye, -eye]), torch.zeros(4))
+    with torch.no_grad():
+        low = bounds.backsubstitute(net, len(net) - 1, spec, boxes, pert)
+    ((W, b),) = _exact_params(model)
+    lo = [F(float(v)) for v in boxes[0].lower[0]]
+    hi = [F(float(v)) for v in boxes[0].upper[0]]
+    for j in range(2):
+        terms = [(w * a, w * c) for w, a, c in zip(W[j], lo, hi, strict=True)]
+        ex_lo, ex_hi = b[j] + sum(map(min, terms)), b[j] + sum(map(max, terms))
+        assert F(float(low[0, j])) <= ex_lo and ex_hi <= F(float(-low[0, 2 + j]))
+        width = -low[0, 2 + j].double() - low[0, j].double()
+        assert float(width) <= float(ex_hi - ex_lo) * (1 + 1e-4), j
+
+
 def test_float32_is_a_sound_and_close_bound():
     """float32 bounds carry float32 margins (gamma_n with u = 2^-24): never tighter than the
     float64 ones by more than float64's own margin, and looser by a small relative amount."""

@@ -20,6 +20,7 @@ from qlib.bounds.base import (
     abs_dot,
     as_float64,
     converted,
+    rowdot,
     step_slack,
     version,
 )
@@ -201,12 +202,35 @@ class Affine(Layer):
         base ``W l``, the sums ``Σl`` over each output's receptive field, and for the margins
         ``max l`` (float64 base) or ``|W| l`` (a base in the box's format). Remembered inside
         ``remember_intervals``: the input of the first layer repeats far more often than its
-        radii do (an exploration's genomes share the input's bit width)."""
-        memo, w = _memo(), self.module.weight
-        if memo is None or _differentiable(w):
-            return self._lower_terms(lo)
-        key = ("lower", version(w), rounding.enabled(), lo.dtype, lo.shape, float(lo.sum()))
-        return memo.recall(key, w, (lo,), lambda: self._lower_terms(lo))
+        radii do (an exploration's genomes share the input's bit width). The layer keeps the
+        last one for ``concretise``, and a ``restrict``ed box takes its samples' rows of it."""
+        hit = self._lower
+        if hit is not None and hit[0] is lo and hit[1] == rounding.enabled():
+            return hit[2]
+        memo, w, parent = _memo(), self.module.weight, self._parent
+        if parent is not None and parent[1] is lo:
+            # Some samples of an earlier box (``restrict``): their rows of its terms. The batch's
+            # largest input still bounds the subset's (low_max).
+            base, ones, low_max, abs_base = self.lower_terms(parent[0])
+            idx = parent[2]
+            terms = (base[idx], ones[idx], low_max, None if abs_base is None else abs_base[idx])
+        elif memo is None or _differentiable(w):
+            terms = self._lower_terms(lo)
+        else:
+            key = ("lower", version(w), rounding.enabled(), lo.dtype, lo.shape, float(lo.sum()))
+            terms = memo.recall(key, w, (lo,), lambda: self._lower_terms(lo))
+        # Kept for ``concretise``, which meets the same box again at the end of a
+        # back-substitution (a layer lives for one bound).
+        self._lower = (lo, rounding.enabled(), terms)
+        return terms
+
+    _lower: tuple | None = None  # (lo, margins on, lower_terms(lo)) of the last call
+    _parent: tuple | None = None  # (earlier lo, lo, idx) from the last ``restrict``
+
+    def restrict(self, idx: Tensor, box: Interval) -> None:
+        if self.inp is not None:
+            self._parent = (self.inp.lower, box.lower, idx)
+        self.inp = box
 
     def _lower_terms(self, lo: Tensor) -> tuple[Tensor, Tensor, float, Tensor | None]:
         low = lo.to(self.base_dtype(lo.dtype))
@@ -249,6 +273,99 @@ class Affine(Layer):
             bound.const + const.reshape(lead),
             self.step_slack(bound, pert, abs_flat),
         )
+
+    def concretise(self, bound: LinearBound, pert: Perturbation, box: Interval) -> Tensor:
+        """Lower bounds ``[N, S]`` of ``bound`` (over this layer's output) for every input in
+        ``box`` and every weight and bias in their radii: ``backward`` and the concretisation of
+        its result in one step, rounded outward.
+
+        ``min`` over ``h`` in ``[l, u]`` of ``A_in h`` is ``A_in l + A_in⁻ (u - l)``, and
+        ``A_in l = A (W l) - eps_w |A| Σl``, where ``W l`` and ``Σl`` are ``ibp``'s base and
+        sums for this box (``lower_terms``, float64 for a Linear layer with margins on). So
+        ``A_in``, and its rounding error, meet only the width ``u - l``; the large term is a dot
+        product over the layer's outputs with a base computed in float64. That is tighter than
+        concretising the computed ``A_in`` over ``[l, u]`` (whose error acts on all of ``u``)
+        and takes one dot product over the layer's inputs instead of three.
+
+        Margins: each entry of the computed ``A_in`` is within ``gamma_{fan_out+4} |A| (|W| +
+        eps_w)`` of the exact one (``step_slack``), which moves ``A_in⁻ (u - l)`` by at most that
+        times ``u - l``; the base is within ``gamma_{fan_in} |W| l`` of ``W l`` in its own format
+        (``|W| l <= max(l) Σ|W|`` for a float64 base) and one rounding of it when converted; the
+        dot products over the ``O`` outputs and the four additions of the result add at most
+        ``O + 6`` roundings to every term of ``|A| (|W l| + |b| + eps_b)``, the weight term's
+        ``gamma`` its sums, and the width's dot product over the ``k`` inputs ``k + 5`` to its
+        own (one-signed) terms. One product of ``|A|`` with a vector weighing each part by its
+        ``gamma`` relative to the first covers all of them but the last."""
+        A = bound.A
+        dtype = A.dtype
+        lead = A.shape[: A.ndim - len(self.out_shape)]  # [S] (shared rows) or [N, S]
+        flat = A.reshape(-1, *self.out_shape)
+        W = self.weight(A)
+        eps_w = rounding.ceil(pert.eps_weight, dtype)
+        eps_b = rounding.ceil(pert.eps_bias, dtype)
+        on = rounding.enabled()
+        abs_flat = flat.abs() if eps_w or eps_b or on else None
+        n, outputs = box.lower.shape[0], math.prod(self.out_shape)
+        width = rounding.up(box.width).reshape(n, -1)
+        A_in, l1 = self.apply_t(flat, W), None
+        if eps_w:
+            A_in, l1 = self.sub_weight_term(A_in, abs_flat, eps_w)
+        spread = rowdot(torch.clamp(A_in.reshape(*lead, -1), max=0.0), width)
+        const = self.bias_dot(flat)
+        if eps_b:
+            if l1 is None:
+                l1 = abs_flat.flatten(1).sum(1)
+            const = const - eps_b * l1
+        base, ones, low_max, abs_base = self.lower_terms(box.lower)
+        base_c = base.to(dtype)
+        rows = A.reshape(*lead, outputs)
+        low = rowdot(rows, base_c.reshape(n, outputs))
+        ones_c = None
+        if eps_w:
+            ones_c = ones.to(dtype)
+            low = low - eps_w * self.abs_dot_ones(rows, abs_flat, l1, ones_c)
+        low = low + spread + const.reshape(lead) + bound.const
+        if not on:
+            return low
+        wide = base.dtype
+        main_n = outputs + 6
+
+        def weight(gamma: float) -> float:
+            """A part's gamma relative to the main one, rounded up."""
+            return gamma / rounding.gamma(main_n, dtype) * (1 + 1e-6)
+
+        v = base_c.abs() + self.bias_map(base_c).abs() + eps_b
+        coefficients = self.apply(
+            width.reshape(n, *self.in_shape),
+            self.term("abs+eps", eps_w, dtype, lambda: W.abs() + eps_w),
+        )
+        v = v + weight(rounding.gamma(self.fan_out + 4, dtype)) * coefficients
+        if abs_base is None:  # a float64 base: |W| l <= max(l) Σ|W|, row by row
+            sums = self.term(
+                "abs rows", 0.0, wide, lambda: self.weight(base).abs().flatten(1).sum(1)
+            )
+            shape = (-1, *([1] * (len(self.out_shape) - 1)))
+            size = (low_max * sums).reshape(shape).to(dtype)
+        else:  # a base in dtype, with |W| l computed beside it (its own sum, rounded down)
+            size = abs_base * (1 + 2 * rounding.gamma(self.fan_in + 1, dtype))
+        v = v + weight(rounding.gamma(self.fan_in + 1, wide)) * size
+        if eps_w:
+            gamma = rounding.gamma(outputs + 8, dtype) + rounding.gamma(self.fan_in + 1, wide)
+            v = v + weight(gamma) * eps_w * ones_c
+        total = abs_dot(rows, v.reshape(n, outputs), abs_flat)
+        slack = rounding.margin(total, main_n, outputs + self.fan_in + 12)
+        slack = rounding.up(slack + rounding.margin(-spread, width.shape[1] + 5))
+        slack = rounding.up(slack + rounding.margin(bound.const.abs(), 5))
+        if bound.slack is not None:
+            slack = rounding.up(slack + bound.slack)
+        return rounding.down(low - slack)
+
+    def abs_dot_ones(
+        self, rows: Tensor, abs_flat: Tensor, l1: Tensor | None, ones: Tensor
+    ) -> Tensor:
+        """``|A| · apply_ones(l)`` per row, ``[N, S]`` or ``[S]``-broadcast, for ``rows`` = ``A``
+        flattened to ``[*lead, O]`` (``abs_flat``: ``|A|``, ``l1``: its row sums if known)."""
+        return abs_dot(rows, ones.reshape(len(ones), -1), abs_flat.reshape(rows.shape))
 
     def step_slack(
         self, bound: LinearBound, pert: Perturbation, abs_A: Tensor | None = None
@@ -401,6 +518,14 @@ class Linear(Affine):
 
     def bias_dot(self, flat: Tensor) -> Tensor:
         return flat @ self.bias(flat)
+
+    def abs_dot_ones(
+        self, rows: Tensor, abs_flat: Tensor, l1: Tensor | None, ones: Tensor
+    ) -> Tensor:
+        # Every output sums the whole input: |A| · (Σl, ..., Σl) = ||A||_1 Σl.
+        if l1 is None:
+            l1 = abs_flat.sum(-1)
+        return l1.reshape(rows.shape[:-1]) * ones[:, :1]
 
     def apply_per_sample(self, h: Tensor, W: Tensor, b: Tensor) -> Tensor:
         if W.ndim > self.module.weight.ndim:

@@ -261,6 +261,11 @@ class Layer(ABC):
             f"{type(self).__name__}(#{self.index} {self.module}, {self.in_shape}->{self.out_shape})"
         )
 
+    def restrict(self, idx: Tensor, box: Interval) -> None:
+        """Make ``box``, the samples ``idx`` of the current input interval, the new one; layers
+        that remember something per sample of it keep those samples' part."""
+        self.inp = box
+
     def input_box(self) -> Interval:
         if self.inp is None:
             raise RuntimeError(f"layer {self.index}: its input interval is not set")

@@ -168,9 +168,20 @@ def backsubstitute(
     ``net[stop]``, whose interval ``boxes[stop]`` finishes the bound. ``boxes[i]`` is the input
     interval of layer ``i``; the layers between must have their input intervals set
     (``forward_bounds``). The result is rounded outward: the slack of every step and the
-    rounding of this final concretisation are subtracted. ``pert``: uniform or per layer."""
+    rounding of this final concretisation are subtracted. ``pert``: uniform or per layer.
+
+    When ``net[stop]`` is an affine layer (past any Flatten, which only reshapes), its step and
+    the concretisation are one (``Affine.concretise``): the bound's large term is taken from
+    IBP's base product, and only the width meets the computed coefficients."""
     per = resolve(net, pert).layers
     relax_together([(net[i], per[i]) for i in range(stop, top + 1) if isinstance(net[i], ReLU)])
+    end = stop
+    while end < top and isinstance(net[end], Flatten):
+        end += 1
+    if end <= top and isinstance(net[end], Affine):
+        for i in range(top, end, -1):
+            bound = net[i].backward(bound, per[i])
+        return net[end].concretise(bound, per[end], boxes[end])
     for i in range(top, stop - 1, -1):
         bound = net[i].backward(bound, per[i])
     box = boxes[stop]
@@ -270,8 +281,11 @@ def forward_bounds(
             box = layer.ibp(boxes[-1], per[i])
             ibp = box if boxes[-1] is ibp else layer.ibp(ibp, per[i])
         else:
+            # The same object where the input is the chain's: an affine layer finds its IBP base
+            # product again by identity (``Affine.concretise``).
+            same = boxes[-1] is ibp
             ibp = layer.ibp(ibp, per[i])
-            box = ibp if isinstance(layer, Affine) else layer.ibp(boxes[-1], per[i])
+            box = ibp if same or isinstance(layer, Affine) else layer.ibp(boxes[-1], per[i])
         if method == "crown" and i in hidden:
             mask = unstable(box, per[next_relu(net, i)]) if unstable_only else None
             box = _hidden_bounds(net, i, box, boxes, pert, stop, mask, mask, cache)
