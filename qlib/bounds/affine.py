@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,21 @@ from qlib.bounds.values import Interval, LinearBound
 from qlib.quant import Perturbation
 
 __all__ = ["Affine", "Conv2d", "Linear"]
+
+
+class _Step(NamedTuple):
+    """``Affine._step``: the rows' shape, the rows flattened and their ``|A|`` (``None`` without
+    radii and margins), the weight and radii in the rows' dtype, and the result."""
+
+    lead: tuple[int, ...]
+    flat: Tensor
+    abs_flat: Tensor | None
+    W: Tensor
+    eps_w: float
+    eps_b: float
+    A_in: Tensor
+    const: Tensor
+    l1: Tensor | None
 
 
 def _differentiable(w: Tensor) -> bool:
@@ -248,9 +264,11 @@ class Affine(Layer):
         (training) the box's own."""
         return torch.float64 if rounding.enabled() else dtype
 
-    def backward(self, bound: LinearBound, pert: Perturbation) -> LinearBound:
+    def _step(self, bound: LinearBound, pert: Perturbation) -> _Step:
+        """The back-substitution rule through this layer: ``A_in = A W - eps_w |A| 1 1^T``
+        (``[B, *in_shape]``, rows flattened) and ``const = A b - eps_b ||A||_1`` (``[B]``)."""
         A = bound.A
-        lead = A.shape[: A.ndim - len(self.out_shape)]
+        lead = A.shape[: A.ndim - len(self.out_shape)]  # [S] (shared rows) or [N, S]
         flat = A.reshape(-1, *self.out_shape)
         W = self.weight(A)
         eps_w = rounding.ceil(pert.eps_weight, A.dtype)
@@ -268,10 +286,14 @@ class Affine(Layer):
             if l1 is None:
                 l1 = abs_flat.flatten(1).sum(1)
             const = const - eps_b * l1
+        return _Step(lead, flat, abs_flat, W, eps_w, eps_b, A_in, const, l1)
+
+    def backward(self, bound: LinearBound, pert: Perturbation) -> LinearBound:
+        s = self._step(bound, pert)
         return LinearBound(
-            A_in.reshape(*lead, *self.in_shape),
-            bound.const + const.reshape(lead),
-            self.step_slack(bound, pert, abs_flat),
+            s.A_in.reshape(*s.lead, *self.in_shape),
+            bound.const + s.const.reshape(s.lead),
+            self.step_slack(bound, pert, s.abs_flat),
         )
 
     def concretise(self, bound: LinearBound, pert: Perturbation, box: Interval) -> Tensor:
@@ -296,26 +318,11 @@ class Affine(Layer):
         ``gamma`` its sums, and the width's dot product over the ``k`` inputs ``k + 5`` to its
         own (one-signed) terms. One product of ``|A|`` with a vector weighing each part by its
         ``gamma`` relative to the first covers all of them but the last."""
-        A = bound.A
-        dtype = A.dtype
-        lead = A.shape[: A.ndim - len(self.out_shape)]  # [S] (shared rows) or [N, S]
-        flat = A.reshape(-1, *self.out_shape)
-        W = self.weight(A)
-        eps_w = rounding.ceil(pert.eps_weight, dtype)
-        eps_b = rounding.ceil(pert.eps_bias, dtype)
-        on = rounding.enabled()
-        abs_flat = flat.abs() if eps_w or eps_b or on else None
+        A, dtype, on = bound.A, bound.A.dtype, rounding.enabled()
+        lead, _, abs_flat, W, eps_w, eps_b, A_in, const, l1 = self._step(bound, pert)
         n, outputs = box.lower.shape[0], math.prod(self.out_shape)
         width = rounding.up(box.width).reshape(n, -1)
-        A_in, l1 = self.apply_t(flat, W), None
-        if eps_w:
-            A_in, l1 = self.sub_weight_term(A_in, abs_flat, eps_w)
         spread = rowdot(torch.clamp(A_in.reshape(*lead, -1), max=0.0), width)
-        const = self.bias_dot(flat)
-        if eps_b:
-            if l1 is None:
-                l1 = abs_flat.flatten(1).sum(1)
-            const = const - eps_b * l1
         base, ones, low_max, abs_base = self.lower_terms(box.lower)
         base_c = base.to(dtype)
         rows = A.reshape(*lead, outputs)
