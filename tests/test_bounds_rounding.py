@@ -97,6 +97,12 @@ NETS = {
         ([[1e8, -1e8, 0.1], [0.5, 0.25, -0.75], [-3e7, 3e7 + 1, 2.0]], [0.1, -0.2, 1e-3]),
         ([[1.0, -1.0, 1e-4], [2.5, -2.5, 3.0]], [0.0, -1e-7]),
     ],
+    # Constants that cancel: the back-substitution adds a 3e7 bias term to small ones, and the
+    # logits' rows then subtract another (each addition to the constant rounds once).
+    "biases": [
+        ([[0.5, -0.25, 1.0], [1.0, 0.5, -0.5], [0.25, 1.0, 0.75]], [3e7 + 0.3, 0.7, -0.1]),
+        ([[1.0, -1.0, 0.5], [-0.5, 2.0, 1e-3]], [-3e7 + 0.1, 0.2]),
+    ],
     "random": None,
 }
 
@@ -111,9 +117,9 @@ def _random_net(seed: int) -> list:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("case", ["cancelling", "random0", "random1"])
+@pytest.mark.parametrize("case", ["cancelling", "biases", "random0", "random1"])
 def test_float_bounds_contain_the_exact_ones(case: str, dtype):
-    spec = NETS["cancelling"] if case == "cancelling" else _random_net(int(case[-1]))
+    spec = NETS[case] if case in NETS else _random_net(int(case[-1]))
     model = _mlp(spec, dtype)
     x_t = torch.tensor([[0.3, 0.9, 0.55, 0.1][: len(spec[0][0][0])]], dtype=dtype)
     x = [F(float(v)) for v in x_t[0].double()]

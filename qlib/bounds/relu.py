@@ -143,7 +143,7 @@ class ReLU(Layer):
             # of that sum passes through at most 5 roundings (3 in the entries' vector, the fold's
             # addition, the product with |A|) besides the k of the sum.
             total = abs_dot(A, self.margin_vector(pert))
-            slack = step_slack(bound, [(total, 3, k + 5)], widest=k + 3)
+            slack = step_slack(bound, [(total, 3, k + 5)])
         return LinearBound(A_in, bound.const + const, slack)
 
     def perturbed(self, h: Tensor, dA: Tensor | None = None, clip: float | None = None) -> Tensor:
