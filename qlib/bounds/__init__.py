@@ -53,7 +53,7 @@ over the width in float32. The linear methods' back-substitution is float32 but 
 step, which takes ``A W l`` as ``A (W l)`` with that float64 base, so that the float32
 coefficients meet only the box's width (``Affine.concretise``). The rigorous margins of the other
 steps (``gamma_n`` with ``u = 2^-24`` and ``n`` the roundings a coefficient passes through) made
-the logit bounds of the MNIST 4x256 MLP 0.03-0.05 % looser, above the 1e-4 the book accepts
+the logit bounds of the MNIST 4x256 MLP 0.02-0.05 % looser, above the 1e-4 the book accepts
 (``benchmarks/bench_bounds.py``); pass ``dtype=torch.float32`` when speed matters more.
 The differentiable path of certified training computes no margins (it needs gradients, not
 certificates).
