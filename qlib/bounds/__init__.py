@@ -61,12 +61,12 @@ certificates).
 The network is an ``nn.Sequential`` of Linear, Conv2d, ReLU and Flatten; a ReLU must follow every
 affine layer except the last, which gives the logits.
 
-Modules: ``values`` (``Interval``, ``LinearBound``), ``base``, ``affine`` and ``relu`` (the
-per-layer objects with their IBP, back-substitution and concrete perturbed rules), ``layers``
-(``layers(model, in_shape)``), ``propagation``
-(``forward_bounds``, ``backsubstitute``, ``unstable``), ``methods`` (``logit_bounds``,
-``bound_coefficients`` and the registry of methods by name), ``margins`` (``margin_bounds``,
-``margin_interval``, ``margins_and_logits``), ``measures`` (``worst_case_discrepancy``, ``probability_bounds``,
+Modules: ``values`` (``Interval``, ``LinearBound``), ``base``, ``affine``, ``linear``, ``conv``
+and ``relu`` (the per-layer objects with their IBP, back-substitution and concrete perturbed
+rules), ``layers`` (``layers(model, in_shape)``), ``propagation`` (``forward_bounds``,
+``backsubstitute``, ``unstable``), ``methods`` (``logit_bounds``, ``bound_coefficients`` and the
+registry of methods by name), ``margins`` (``margin_bounds``, ``margin_interval``,
+``margins_and_logits``), ``measures`` (``worst_case_discrepancy``, ``probability_bounds``,
 ``certified_discrepancy``, ``verified_accuracy``).
 """
 

@@ -1,6 +1,7 @@
-"""Affine layers, ``(W + ΔW) h + (b + Δb)`` for a non-negative input ``h``: Linear and Conv2d
-share the interval product, the back-substitution rule and the concrete forward of ``Affine``
-and differ only in how a weight is applied and transposed."""
+"""Affine layers, ``(W + ΔW) h + (b + Δb)`` for a non-negative input ``h``: the interval
+product, the back-substitution rule, the final concretisation and the concrete forward that
+``Linear`` (``qlib.bounds.linear``) and ``Conv2d`` (``qlib.bounds.conv``) share; they differ only
+in how a weight is applied and transposed."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from qlib.bounds import rounding
 from qlib.bounds.base import (
@@ -29,7 +29,7 @@ from qlib.bounds.memo import memo as _memo
 from qlib.bounds.values import Interval, LinearBound
 from qlib.quant import Perturbation
 
-__all__ = ["Affine", "Conv2d", "Linear"]
+__all__ = ["Affine"]
 
 
 class _Step(NamedTuple):
@@ -451,150 +451,3 @@ class Affine(Layer):
     def apply_per_sample(self, h: Tensor, W: Tensor, b: Tensor) -> Tensor:
         """``W h + b`` where ``W`` and ``b`` may carry a leading sample dimension."""
         raise NotImplementedError
-
-
-class Linear(Affine):
-    def output_shape(self) -> tuple[int, ...]:
-        return (self.module.out_features,)  # layers() has checked the input's length
-
-    def apply(self, x: Tensor, weight: Tensor) -> Tensor:
-        return x @ weight.T
-
-    def apply_t(self, A: Tensor, weight: Tensor) -> Tensor:
-        return A @ weight
-
-    def bias_map(self, like: Tensor) -> Tensor:
-        return self.bias(like)
-
-    def apply_ones(self, x: Tensor) -> Tensor:
-        return x.sum(-1, keepdim=True).expand(*x.shape[:-1], self.module.out_features)
-
-    def apply_t_ones(self, A: Tensor) -> Tensor:
-        return A.sum(-1, keepdim=True).expand(*A.shape[:-1], self.module.in_features)
-
-    def split_rises(self, d: Tensor, eps_w: float) -> tuple[Tensor, Tensor] | None:
-        memo, w = _memo(), self.module.weight
-        if not self.reads_input or memo is None or not eps_w or _differentiable(w):
-            return None
-        dtype = d.dtype
-        near = DERIVED.get(
-            w, ("near zero", eps_w, dtype, rounding.enabled()), lambda: self._near_zero(eps_w, d)
-        )
-        if near is None:
-            return None
-        signs = self.term("signs", 0.0, dtype, lambda: self._signs(d))
-        key = ("widths", version(w), rounding.enabled(), dtype, d.shape, float(d.sum()))
-        pos, neg, nonneg, nonpos = memo.recall(key, w, (d,), lambda: d @ signs.T).chunk(4, 1)
-        up_e, down_e = near
-        d_max = d.amax(1, keepdim=True)
-        return (
-            torch.add(pos, nonneg, alpha=eps_w).addcmul_(d_max, up_e),
-            torch.add(neg, nonpos, alpha=-eps_w).addcmul_(d_max, down_e, value=-1),
-        )
-
-    def _signs(self, like: Tensor) -> Tensor:
-        """``[W⁺; W⁻; [W >= 0]; [W <= 0]]`` [4 out, in] in ``like``'s dtype (exact)."""
-        W = self.weight(like)
-        return torch.cat([W.clamp(min=0), W.clamp(max=0), (W >= 0).to(W), (W <= 0).to(W)])
-
-    def _near_zero(self, eps_w: float, like: Tensor) -> tuple[Tensor, Tensor] | None:
-        """Per output, ``e`` times the number of its weights in ``[-e, 0)`` and in ``(0, e]``,
-        rounded up; ``None`` when those weights are more than one in 32 (where the bound below
-        would be loose and two dense products cost no more).
-
-        ``split_rises`` bounds the sparse terms by them: ``0 <= W + e < e`` on the first set, so
-        ``Σ (W + e) d_j <= e count max(d)``, and ``-e < W - e <= 0`` on the second. Exact sparse
-        products cost more than the dense ones they replace (a gather of ``d``'s columns), and
-        the rest of the rise is some hundred times larger than these terms."""
-        W = self.weight(like)
-        up = ((W < 0) & (W >= -eps_w)).sum(1)
-        down = ((W > 0) & (W <= eps_w)).sum(1)
-        if int(up.sum()) + int(down.sum()) > W.numel() // 32:
-            return None
-        return rounding.up(up.to(W) * eps_w), rounding.up(down.to(W) * eps_w)
-
-    def sub_weight_term(
-        self, A_in: Tensor, abs_flat: Tensor, eps: float
-    ) -> tuple[Tensor, Tensor | None]:
-        # Every input gets the same term eps ||c||_1: one norm, one in-place subtraction.
-        # abs().sum() rather than vector_norm(ord=1): several times faster on the CPU.
-        l1 = abs_flat.sum(-1)
-        if A_in.requires_grad or l1.requires_grad:
-            return A_in - eps * l1.unsqueeze(-1), l1
-        return A_in.sub_(eps * l1.unsqueeze(-1)), l1
-
-    def bias_dot(self, flat: Tensor) -> Tensor:
-        return flat @ self.bias(flat)
-
-    def abs_dot_ones(
-        self, rows: Tensor, abs_flat: Tensor, l1: Tensor | None, ones: Tensor
-    ) -> Tensor:
-        # Every output sums the whole input: |A| · (Σl, ..., Σl) = ||A||_1 Σl.
-        if l1 is None:
-            l1 = abs_flat.sum(-1)
-        return l1.reshape(rows.shape[:-1]) * ones[:, :1]
-
-    def apply_per_sample(self, h: Tensor, W: Tensor, b: Tensor) -> Tensor:
-        if W.ndim > self.module.weight.ndim:
-            return torch.einsum("ni,noi->no", h, W) + b
-        return h @ W.T + b
-
-
-class Conv2d(Affine):
-    def __init__(self, index: int, module: nn.Conv2d, in_shape: tuple[int, ...]) -> None:
-        super().__init__(index, module, in_shape)
-        m = module
-        # conv_transpose2d cannot tell which input size produced the output: recover the rows and
-        # columns that the stride dropped as output padding.
-        self.output_padding = tuple(
-            in_shape[1 + d]
-            - (
-                (self.out_shape[1 + d] - 1) * m.stride[d]
-                - 2 * m.padding[d]
-                + m.dilation[d] * (m.kernel_size[d] - 1)
-                + 1
-            )
-            for d in range(2)
-        )
-
-    def apply(self, x: Tensor, weight: Tensor) -> Tensor:
-        m = self.module
-        return F.conv2d(x, weight, None, m.stride, m.padding, m.dilation, m.groups)
-
-    def apply_t(self, A: Tensor, weight: Tensor) -> Tensor:
-        m = self.module
-        return F.conv_transpose2d(
-            A, weight, None, m.stride, m.padding, self.output_padding, m.groups, m.dilation
-        )
-
-    def bias_map(self, like: Tensor) -> Tensor:
-        return self.bias(like).reshape(-1, 1, 1)
-
-    @property
-    def fan_out(self) -> int:
-        # An input position meets each kernel offset at most once (fewer with a stride), in
-        # every output channel.
-        return self.module.out_channels * math.prod(self.module.kernel_size)
-
-    def base_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        # A float64 convolution runs up to 18x slower than a float32 one on the CPU (no oneDNN
-        # kernel): the base stays in the box's format, with its margin from |W| l.
-        return dtype
-
-    def apply_per_sample(self, h: Tensor, W: Tensor, b: Tensor) -> Tensor:
-        m, n = self.module, len(h)
-        if W.ndim > m.weight.ndim:
-            # One grouped convolution runs a different kernel for every sample.
-            z = F.conv2d(
-                h.reshape(1, -1, *h.shape[2:]),
-                W.reshape(-1, *W.shape[2:]),
-                None,
-                m.stride,
-                m.padding,
-                m.dilation,
-                m.groups * n,
-            )
-            z = z.reshape(n, -1, *z.shape[2:])
-        else:
-            z = F.conv2d(h, W, None, m.stride, m.padding, m.dilation, m.groups)
-        return z + (b.reshape(n, -1, 1, 1) if b.ndim == 2 else b.reshape(-1, 1, 1))

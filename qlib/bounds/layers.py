@@ -12,8 +12,9 @@ but the last) becomes a list of ``Layer`` objects (``layers``). Each knows its s
 Every affine layer's input is non-negative (pixels in [0, 1], ReLU outputs), which is what makes
 the weight-perturbation rules below exact per neuron.
 
-The rules live in ``base`` (``Layer``, ``Flatten``), ``affine`` (``Affine``, ``Linear``,
-``Conv2d``) and ``relu`` (``ReLU``); this module turns a model into their list.
+The rules live in ``base`` (``Layer``, ``Flatten``), ``affine`` (``Affine``), ``linear``
+(``Linear``), ``conv`` (``Conv2d``) and ``relu`` (``ReLU``); this module turns a model into
+their list.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from qlib.bounds.affine import Affine, Conv2d, Linear
+from qlib.bounds.affine import Affine
 from qlib.bounds.base import Clipped, Flatten, Layer, RowDelta, clip_of, floor
+from qlib.bounds.conv import Conv2d
+from qlib.bounds.linear import Linear
 from qlib.bounds.relu import ReLU, clip_relaxation
 
 __all__ = [
