@@ -120,15 +120,27 @@ def _random_net(seed: int) -> list:
 @pytest.mark.parametrize("case", ["cancelling", "biases", "random0", "random1"])
 def test_float_bounds_contain_the_exact_ones(case: str, dtype):
     spec = NETS[case] if case in NETS else _random_net(int(case[-1]))
-    model = _mlp(spec, dtype)
-    x_t = torch.tensor([[0.3, 0.9, 0.55, 0.1][: len(spec[0][0][0])]], dtype=dtype)
+    x = torch.tensor([[0.3, 0.9, 0.55, 0.1][: len(spec[0][0][0])]], dtype=dtype)
+    _check_against_exact(
+        _mlp(spec, dtype), x, [Perturbation.uniform(2.0**-10), Perturbation(0.0, 1e-3, 1e-3, 0.0)]
+    )
+
+
+def _check_against_exact(
+    model: nn.Sequential, x_t: torch.Tensor, perts: list[Perturbation], ibp: bool = True
+) -> None:
+    """The float IBP interval of ``model`` at ``x_t`` [1, k] contains the exact one (``ibp``),
+    and the float CROWN-IBP bound of each ``±logit`` lies below the exact minimum of the same
+    relaxation."""
+    dtype = x_t.dtype
     x = [F(float(v)) for v in x_t[0].double()]
-    for pert in (Perturbation.uniform(2.0**-10), Perturbation(0.0, 1e-3, 1e-3, 0.0)):
+    for pert in perts:
         # IBP: inclusion-monotone, so the float interval must contain the exact one.
         lo, hi = bounds.logit_bounds(model, x_t, pert, "ibp", dtype=dtype)
-        ex_lo, ex_hi = _exact_ibp(model, x, pert)
-        for j in range(len(ex_lo)):
-            assert F(float(lo[0, j])) <= ex_lo[j] and ex_hi[j] <= F(float(hi[0, j])), (pert, j)
+        if ibp:
+            ex_lo, ex_hi = _exact_ibp(model, x, pert)
+            for j in range(len(ex_lo)):
+                assert F(float(lo[0, j])) <= ex_lo[j] <= ex_hi[j] <= F(float(hi[0, j])), (pert, j)
         # Linear bounds: given the float pre-activation boxes (exact numbers), the float bound
         # must lie below the exact minimum of the same relaxation.
         net = bounds.layers(model, x_t.shape[1:])
@@ -138,14 +150,71 @@ def test_float_bounds_contain_the_exact_ones(case: str, dtype):
             for layer in net
             if isinstance(layer, bounds.ReLU)
         ]
-        eye = torch.eye(len(ex_lo), dtype=dtype)
+        eye = torch.eye(lo.shape[1], dtype=dtype)
         spec_rows = bounds.LinearBound(
-            torch.cat([eye, -eye]), torch.zeros(2 * len(ex_lo), dtype=dtype)
+            torch.cat([eye, -eye]), torch.zeros(2 * len(eye), dtype=dtype)
         )
         low = bounds.backsubstitute(net, len(net) - 1, spec_rows, boxes, pert)
         for s, row in enumerate(torch.cat([eye, -eye]).tolist()):
             exact = _exact_crown_lower(model, x, pert, relax, [F(r) for r in row])
             assert F(float(low[0, s])) <= exact, (pert, s)
+
+
+def test_wide_float32_layers_sum_in_parts_and_stay_sound():
+    """float32 back-substitution through a layer of 256 outputs sums ``A W`` in two halves
+    (``Linear.apply_t``), and the ReLU constants and the concretisation over 256 outputs in
+    blocks (``base.split_sum``), with margins for those fewer roundings. On a 3-256-16-256-1 MLP
+    whose weights carry cancelling pairs (±1e3 beside weights near 0.05), the bounds still lie
+    below the exact minima of the same relaxation. (A soundness check: a priori margins are far
+    from tight, so counting too few roundings would not fail here.)"""
+    g = torch.Generator().manual_seed(5)
+
+    def weights(o: int, i: int) -> list:
+        w = torch.randn(o, i, generator=g) * 0.05
+        w[::2, ::3] += 1e3
+        w[1::2, ::3] -= 1e3
+        return w.tolist()
+
+    def bias(o: int) -> list:
+        return (torch.randn(o, generator=g) * 0.1).tolist()
+
+    spec = [
+        (weights(256, 3), bias(256)),
+        ((torch.randn(16, 256, generator=g) * 0.05).tolist(), bias(16)),
+        (weights(256, 16), bias(256)),
+        ((torch.randn(1, 256, generator=g) * 0.1).tolist(), [0.1]),
+    ]
+    model = _mlp(spec, torch.float32)
+    net = bounds.layers(model, (3,))
+    assert net[4].entry_roundings(torch.float32) == 129  # halves: 128 + 1, not 256
+    assert net[4].entry_roundings(torch.float64) == 256
+    x = torch.tensor([[0.3, 0.9, 0.55]])
+    _check_against_exact(model, x, [Perturbation.uniform(2.0**-10)], ibp=False)
+
+
+def test_split_sums_take_fewer_roundings_and_stay_within_them():
+    """A split float32 dot product of 256 terms sums blocks of 32 and then the 8 blocks: 39
+    roundings per term whatever order each sum takes, and the result lies within ``gamma_39``
+    of the exact value (float64 here: the products of float32 numbers are exact in it) even
+    with terms over 40 binary orders of magnitude. float64, fewer than 256 terms, and lengths
+    without a divisor of 8 or more do not split."""
+    from qlib.bounds.base import rowdot, split_length, split_sum, split_terms
+
+    assert (split_length(256, torch.float32), split_terms(256, torch.float32)) == (32, 39)
+    assert split_terms(784, torch.float32) == 28 + 28 - 1
+    assert split_terms(256, torch.float64) == 256 and split_terms(257, torch.float32) == 257
+    assert split_terms(128, torch.float32) == 128
+    g = torch.Generator().manual_seed(0)
+    scale = 2.0 ** torch.randint(-20, 20, (3, 4, 256), generator=g).float()
+    A = torch.randn(3, 4, 256, generator=g) * scale
+    v = torch.randn(3, 256, generator=g) * scale[:, 0]
+    gamma = rounding.gamma(39, torch.float32) + rounding.gamma(256, torch.float64)
+    for rows in (A, A[0]):  # per sample and shared rows
+        got = rowdot(rows, v, split=True).double()
+        exact = rowdot(rows.double(), v.double())
+        assert ((got - exact).abs() <= gamma * rowdot(rows.double().abs(), v.double().abs())).all()
+    got = split_sum(A).double()
+    assert ((got - A.double().sum(-1)).abs() <= gamma * A.double().abs().sum(-1)).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

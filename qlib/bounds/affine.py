@@ -22,6 +22,7 @@ from qlib.bounds.base import (
     as_float64,
     converted,
     rowdot,
+    split_terms,
     step_slack,
     version,
 )
@@ -309,15 +310,16 @@ class Affine(Layer):
         concretising the computed ``A_in`` over ``[l, u]`` (whose error acts on all of ``u``)
         and takes one dot product over the layer's inputs instead of three.
 
-        Margins: each entry of the computed ``A_in`` is within ``gamma_{fan_out+4} |A| (|W| +
-        eps_w)`` of the exact one (``step_slack``), which moves ``A_in⁻ (u - l)`` by at most that
-        times ``u - l``; the base is within ``gamma_{fan_in} |W| l`` of ``W l`` in its own format
-        (``|W| l <= max(l) Σ|W|`` for a float64 base) and one rounding of it when converted; the
-        dot products over the ``O`` outputs and the four additions of the result add at most
-        ``O + 6`` roundings to every term of ``|A| (|W l| + |b| + eps_b)``, the weight term's
-        ``gamma`` its sums, and the width's dot product over the ``k`` inputs ``k + 5`` to its
-        own (one-signed) terms. One product of ``|A|`` with a vector weighing each part by its
-        ``gamma`` relative to the first covers all of them but the last."""
+        Margins: each entry of the computed ``A_in`` is within ``gamma_{e+4} |A| (|W| +
+        eps_w)`` of the exact one (``step_slack``; ``e``: ``entry_roundings``), which moves
+        ``A_in⁻ (u - l)`` by at most that times ``u - l``; the base is within ``gamma_{fan_in}
+        |W| l`` of ``W l`` in its own format (``|W| l <= max(l) Σ|W|`` for a float64 base) and
+        one rounding of it when converted; the dot products over the ``O`` outputs and the four
+        additions of the result add at most ``O + 6`` roundings to every term of ``|A| (|b| +
+        eps_b)`` and ``t + 6`` to those of ``|A| |W l|`` (a split sum, ``t = split_terms(O)``),
+        the weight term's ``gamma`` its sums, and the width's dot product over the ``k`` inputs
+        ``k + 5`` to its own (one-signed) terms. One product of ``|A|`` with a vector weighing
+        each part by its ``gamma`` relative to the first covers all of them but the last."""
         A, dtype, on = bound.A, bound.A.dtype, rounding.enabled()
         lead, _, abs_flat, W, eps_w, eps_b, A_in, const, l1 = self._step(bound, pert)
         n, outputs = box.lower.shape[0], math.prod(self.out_shape)
@@ -326,7 +328,7 @@ class Affine(Layer):
         base, ones, low_max, abs_base = self.lower_terms(box.lower)
         base_c = base.to(dtype)
         rows = A.reshape(*lead, outputs)
-        low = rowdot(rows, base_c.reshape(n, outputs))
+        low = rowdot(rows, base_c.reshape(n, outputs), split=True)
         ones_c = None
         if eps_w:
             ones_c = ones.to(dtype)
@@ -335,18 +337,19 @@ class Affine(Layer):
         if not on:
             return low
         wide = base.dtype
-        main_n = outputs + 6
+        main_n = split_terms(outputs, dtype) + 6
 
         def weight(gamma: float) -> float:
             """A part's gamma relative to the main one, rounded up."""
             return gamma / rounding.gamma(main_n, dtype) * (1 + 1e-6)
 
-        v = base_c.abs() + self.bias_map(base_c).abs() + eps_b
+        constant = self.bias_map(base_c).abs() + eps_b
+        v = base_c.abs() + weight(rounding.gamma(outputs + 6, dtype)) * constant
         coefficients = self.apply(
             width.reshape(n, *self.in_shape),
             self.term("abs+eps", eps_w, dtype, lambda: W.abs() + eps_w),
         )
-        v = v + weight(rounding.gamma(self.fan_out + 4, dtype)) * coefficients
+        v = v + weight(rounding.gamma(self.entry_roundings(dtype) + 4, dtype)) * coefficients
         if abs_base is None:  # a float64 base: |W| l <= max(l) Σ|W|, row by row
             sums = self.term(
                 "abs rows", 0.0, wide, lambda: self.weight(base).abs().flatten(1).sum(1)
@@ -381,10 +384,11 @@ class Affine(Layer):
         ``h`` in ``[0, u_h]``: ``|A| (|W| + eps_w) u_h`` for ``A_in h`` and ``|A| (|b| + eps_b)``
         for the constant. Per sample ``[N, S]`` even where ``A`` is shared.
 
-        An entry of ``A_in`` sums over the outputs its input reaches (``fan_out``, plus the weight
-        term's three roundings); the constant over all outputs. The evaluation on absolute values
-        passes each term through ``fan_in`` more roundings (the product with ``u_h``). ``abs_A``:
-        ``|A|`` if the caller has it (any shape with ``A``'s elements)."""
+        A term of an entry of ``A_in`` passes through ``entry_roundings`` (the outputs its input
+        reaches, ``fan_out``, or fewer where ``apply_t`` splits the sum), plus the weight term's
+        three; the constant sums over all outputs. The evaluation on absolute values passes each
+        term through ``fan_in`` more roundings (the product with ``u_h``). ``abs_A``: ``|A|`` if
+        the caller has it (any shape with ``A``'s elements)."""
         if not rounding.enabled():
             return bound.slack
         A = bound.A
@@ -399,14 +403,19 @@ class Affine(Layer):
             u_h, self.term("abs+eps", eps_w, A.dtype, lambda: W.abs() + eps_w)
         )
         constant = self.bias_map(A).abs() + eps_b
+        entry = self.entry_roundings(A.dtype) + 4
         if self.fan_out >= outputs:
-            total = abs_dot(A, coefficients + constant, abs_A)
-            return step_slack(bound, [(total, outputs + 4, summed)])
+            # One pass over |A|: the constant's larger gamma folded into its terms as a ratio (two
+            # more roundings for the terms of the vector).
+            ratio = rounding.gamma_ratio(outputs + 4, entry, A.dtype)
+            vector = coefficients + constant if ratio == 1 else coefficients + ratio * constant
+            total = abs_dot(A, vector, abs_A)
+            return step_slack(bound, [(total, entry, summed + 2)])
         # A convolution's input reaches a few outputs of a large map: its own, smaller gamma.
         return step_slack(
             bound,
             [
-                (abs_dot(A, coefficients, abs_A), self.fan_out + 4, summed),
+                (abs_dot(A, coefficients, abs_A), entry, summed),
                 (abs_dot(A, constant.expand_as(coefficients), abs_A), outputs + 4, None),
             ],
         )
@@ -415,6 +424,11 @@ class Affine(Layer):
     def fan_out(self) -> int:
         """At most how many outputs one input reaches (the terms of an entry of ``A W``)."""
         return math.prod(self.out_shape)
+
+    def entry_roundings(self, dtype: torch.dtype) -> int:
+        """At most how many roundings a term of an entry of ``apply_t(A, W)`` in ``dtype`` passes
+        through, and of ``||A||_1`` in ``sub_weight_term``."""
+        return self.fan_out
 
     def sub_weight_term(
         self, A_in: Tensor, abs_flat: Tensor, eps: float

@@ -32,6 +32,8 @@ __all__ = [
     "RowDelta",
     "abs_dot",
     "rowdot",
+    "split_sum",
+    "split_terms",
     "clip_of",
     "as_float64",
     "converted",
@@ -289,23 +291,58 @@ def abs_dot(A: Tensor, v: Tensor, abs_A: Tensor | None = None) -> Tensor:
 _ROWDOT_BLOCK = 2**20
 
 
-def rowdot(A: Tensor, v: Tensor) -> Tensor:
+def rowdot(A: Tensor, v: Tensor, split: bool = False) -> Tensor:
     """``A · v`` per sample ``[N, S]`` for rows ``A`` ``[N, S, k]`` (or ``[S, k]``, shared by the
     samples) and ``v`` ``[N, k]``. Per-sample rows are multiplied and summed elementwise, in
     blocks of samples small enough for the cache: a batched matrix-vector ``bmm`` runs 2-4x
     slower on the CPU for these shapes, and one elementwise pass over a tensor larger than the
-    cache slower still."""
+    cache slower still. ``split``: each dot product is a ``split_sum``."""
+    k = A.shape[-1]
+    c = split_length(k, A.dtype) if split else k
+
+    def dot(rows: Tensor, vec: Tensor) -> Tensor:
+        if c == k:
+            return torch.linalg.vecdot(rows, vec)
+        return torch.linalg.vecdot(rows.unflatten(-1, (-1, c)), vec.unflatten(-1, (-1, c))).sum(-1)
+
     if A.ndim == 2:
-        return v @ A.T
+        if c == k:
+            return v @ A.T
+        blocks = torch.einsum("nbc,sbc->nsb", v.unflatten(-1, (-1, c)), A.unflatten(-1, (-1, c)))
+        return blocks.sum(-1)
     step = max(1, _ROWDOT_BLOCK // max(1, A[0].numel()))
     if step >= len(A):
-        return torch.linalg.vecdot(A, v.unsqueeze(1))
+        return dot(A, v.unsqueeze(1))
     return torch.cat(
-        [
-            torch.linalg.vecdot(A[i : i + step], v[i : i + step].unsqueeze(1))
-            for i in range(0, len(A), step)
-        ]
+        [dot(A[i : i + step], v[i : i + step].unsqueeze(1)) for i in range(0, len(A), step)]
     )
+
+
+def split_sum(x: Tensor) -> Tensor:
+    """The sums over the last dimension, each in blocks of ``c = split_length`` terms and then
+    over the blocks: every term passes through ``split_terms`` roundings (39 instead of 255 for
+    256 terms), whatever order each sum takes. For float32 only; a float64 margin is too small
+    to pay for the second pass."""
+    k = x.shape[-1]
+    c = split_length(k, x.dtype)
+    return x.sum(-1) if c == k else x.unflatten(-1, (-1, c)).sum(-1).sum(-1)
+
+
+def split_length(k: int, dtype: torch.dtype) -> int:
+    """The block length of a split sum of ``k`` terms in ``dtype``: the largest divisor of ``k``
+    up to 32, or ``k`` (no split) for float64, below 256 terms (where ``gamma_k`` is small
+    enough that the second pass costs more than it saves, as for ``Linear.apply_t``) and where
+    that divisor is under 8 (short blocks cost more than they save)."""
+    if dtype == torch.float64 or k < 256:
+        return k
+    c = max(d for d in range(1, min(k, 32) + 1) if k % d == 0)
+    return c if c >= 8 else k
+
+
+def split_terms(k: int, dtype: torch.dtype) -> int:
+    """Roundings per term of a split sum (or dot product) of ``k`` terms in ``dtype``."""
+    c = split_length(k, dtype)
+    return k if c == k else c + k // c - 1
 
 
 def step_slack(bound: LinearBound, parts: list[tuple[Tensor, int, int | None]]) -> Tensor | None:

@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from qlib.bounds import rounding
-from qlib.bounds.base import Layer, abs_dot, clip_of, floor, rowdot, step_slack
+from qlib.bounds.base import Layer, abs_dot, clip_of, floor, rowdot, split_terms, step_slack
 from qlib.bounds.values import Interval, LinearBound
 from qlib.quant import Perturbation
 
@@ -132,16 +131,19 @@ class ReLU(Layer):
         A_in = torch.addcmul(A * al, neg, au - al)
         k, n = bl[0, 0].numel(), len(bl)
         lead = A.shape[: A.ndim - len(self.in_shape)]  # [S] (shared rows) or [N, S]
-        const = rowdot(A.reshape(*lead, k), bl.reshape(n, k))
-        const = const + rowdot(neg.reshape(*lead, k), (bu - bl).reshape(n, k))
+        # Split sums: the offsets of unstable neurons are large, and their sums' margin was most
+        # of a ReLU step's.
+        const = rowdot(A.reshape(*lead, k), bl.reshape(n, k), split=True)
+        const = const + rowdot(neg.reshape(*lead, k), (bu - bl).reshape(n, k), split=True)
         slack = bound.slack
         if rounding.enabled():
             # Each entry of A_in carries three roundings (A al, au - al, addcmul): its error is
             # within gamma_3 |A| (2|al| + |au|) and acts on |ẑ| <= max(|l|, |u|). The constant's
-            # two dot products of k terms and two additions: within gamma_{k+3} |A| (2|bl| + |bu|)
-            # = gamma_3 |A| r (2|bl| + |bu|). So gamma_3 |A| · margin_vector covers both; a term
-            # of that sum passes through at most 5 roundings (3 in the entries' vector, the fold's
-            # addition, the product with |A|) besides the k of the sum.
+            # two split dot products of k terms (t = split_terms(k, dtype) roundings) and two
+            # additions: within gamma_{t+3} |A| (2|bl| + |bu|) = gamma_3 |A| r (2|bl| + |bu|).
+            # So gamma_3 |A| · margin_vector covers both; a term of that sum passes through at
+            # most 5 roundings (3 in the entries' vector, the fold's addition, the product with
+            # |A|) besides the k of the sum.
             total = abs_dot(A, self.margin_vector(pert))
             slack = step_slack(bound, [(total, 3, k + 5)])
         return LinearBound(A_in, bound.const + const, slack)
@@ -329,17 +331,21 @@ def _margin_vector(
 ) -> Tensor:
     """``(2|al| + |au|) max(|l|, |u|) + ratio (2|bl| + |bu|)``: the entries' and the constant's
     parts of a ReLU step's margin, which need different gammas, folded into one vector with
-    ``ratio >= gamma_{k+3} / gamma_3`` (``_fold_ratio``), so that ``ReLU.backward`` takes one
-    pass over ``|A|`` instead of two (the fold's roundings are counted there)."""
-    entries = (2 * al.abs() + au.abs()) * torch.maximum(lo.abs(), up.abs())
+    ``ratio >= gamma_{t+3} / gamma_3`` (``_fold_ratio``), so that ``ReLU.backward`` takes one
+    pass over ``|A|`` instead of two (the fold's roundings are counted there).
+
+    A neuron with ``al = au = 1`` (stable and active) has no entry error: ``A * 1``, ``au - al =
+    0`` and ``A + A⁻ * 0`` are exact; nor has one with ``al = au = 0``, whose entry term is zero
+    already."""
+    inexact = 1 - _indicator(torch.eq, al, 1.0) * _indicator(torch.eq, au, 1.0)
+    entries = (2 * al.abs() + au.abs()) * torch.maximum(lo.abs(), up.abs()) * inexact
     return entries + ratio * (2 * bl.abs() + bu.abs())
 
 
-@functools.lru_cache(maxsize=256)
 def _fold_ratio(k: int, dtype: torch.dtype) -> float:
-    """A number of ``dtype`` at least ``gamma_{k+3} / gamma_3`` (see ``_margin_vector``)."""
-    ratio = rounding.gamma(k + 3, dtype) / rounding.gamma(3, dtype)
-    return rounding.ceil(ratio * (1 + 1e-9), dtype)
+    """A number of ``dtype`` at least ``gamma_{t+3} / gamma_3`` for ``t = split_terms(k, dtype)`` (see
+    ``_margin_vector``)."""
+    return rounding.gamma_ratio(split_terms(k, dtype) + 3, 3, dtype)
 
 
 # Boolean masks and torch.where cost 5-25x an arithmetic operation per element on the CPU (up to

@@ -39,6 +39,7 @@ __all__ = [
     "factor",
     "floor",
     "gamma",
+    "gamma_ratio",
     "margin",
     "outward",
     "underflow",
@@ -84,6 +85,16 @@ def gamma(n: int, dtype: torch.dtype) -> float:
     """``gamma_n = n u / (1 - n u)`` of ``dtype`` (Higham's bound for ``n`` roundings)."""
     u = unit_roundoff(dtype)
     return n * u / (1 - n * u)
+
+
+@functools.lru_cache(maxsize=1024)
+def gamma_ratio(n: int, m: int, dtype: torch.dtype) -> float:
+    """A number of ``dtype`` at least ``gamma_n / gamma_m``: a part that needs ``gamma_n``, scaled
+    by it, can share a margin of ``gamma_m`` with others (one pass over a matrix instead of
+    two). Exactly 1 where ``n <= m``."""
+    if n <= m:
+        return 1.0
+    return ceil(gamma(n, dtype) / gamma(m, dtype) * (1 + 1e-9), dtype)
 
 
 def margin(abs_value: Tensor, n: int, summed: int | None = None) -> Tensor:
