@@ -151,8 +151,9 @@ def _check_against_exact(
             if isinstance(layer, bounds.ReLU)
         ]
         eye = torch.eye(lo.shape[1], dtype=dtype)
+        # Unit rows: their first step charges the roundings of one product (``nonzeros``).
         spec_rows = bounds.LinearBound(
-            torch.cat([eye, -eye]), torch.zeros(2 * len(eye), dtype=dtype)
+            torch.cat([eye, -eye]), torch.zeros(2 * len(eye), dtype=dtype), nonzeros=1
         )
         low = bounds.backsubstitute(net, len(net) - 1, spec_rows, boxes, pert)
         for s, row in enumerate(torch.cat([eye, -eye]).tolist()):
@@ -190,6 +191,27 @@ def test_wide_float32_layers_sum_in_parts_and_stay_sound():
     assert net[4].entry_roundings(torch.float64) == 256
     x = torch.tensor([[0.3, 0.9, 0.55]])
     _check_against_exact(model, x, [Perturbation.uniform(2.0**-10)], ibp=False)
+
+
+def test_unit_rows_charge_the_roundings_of_their_nonzero_products():
+    """A spec's unit rows ``±e_j`` select a row of the weight: every other product is an exact
+    zero, and so is adding it, so the step's coefficients and constant round once or twice
+    however the BLAS sums. The step's margin with ``nonzeros=1`` is that of two roundings, not
+    of the layer's 256 outputs (summed in halves); rows that are not marked keep the general
+    count. (The first
+    step of every ``crown`` and ``crown-fast`` intermediate bound starts from such rows.)"""
+    layer = bounds.layers(nn.Sequential(nn.Linear(8, 256), nn.ReLU(), nn.Linear(256, 3)), (8,))[0]
+    layer.inp = bounds.Interval(torch.zeros(2, 8), torch.ones(2, 8))
+    eye = torch.eye(256)[:4]
+    pert = Perturbation.uniform(2.0**-10)
+    marked = layer.step_slack(bounds.LinearBound(eye, torch.zeros(4), nonzeros=1), pert)
+    plain = layer.step_slack(bounds.LinearBound(eye, torch.zeros(4)), pert)
+    # Against 128 + 1 (the halves of a 256-wide product) plus the weight term's: 20x less.
+    assert (marked < plain / 20).all()
+    # And the unit rows' coefficients really are the weight's rows, less the weight radius.
+    A_in = layer.backward(bounds.LinearBound(eye, torch.zeros(4), nonzeros=1), pert).A
+    eps = rounding.ceil(pert.eps_weight, torch.float32)
+    assert torch.equal(A_in, layer.module.weight[:4].detach() - eps)
 
 
 def test_split_sums_take_fewer_roundings_and_stay_within_them():

@@ -386,9 +386,11 @@ class Affine(Layer):
 
         A term of an entry of ``A_in`` passes through ``entry_roundings`` (the outputs its input
         reaches, ``fan_out``, or fewer where ``apply_t`` splits the sum), plus the weight term's
-        three; the constant sums over all outputs. The evaluation on absolute values passes each
-        term through ``fan_in`` more roundings (the product with ``u_h``). ``abs_A``: ``|A|`` if
-        the caller has it (any shape with ``A``'s elements)."""
+        three; the constant sums over all outputs. Rows with at most ``k = bound.nonzeros``
+        nonzero entries take at most ``k + 1`` and ``k`` instead: their other products are exact
+        zeros, and adding a zero is exact in any order. The evaluation on absolute values passes
+        each term through ``fan_in`` more roundings (the product with ``u_h``). ``abs_A``:
+        ``|A|`` if the caller has it (any shape with ``A``'s elements)."""
         if not rounding.enabled():
             return bound.slack
         A = bound.A
@@ -403,11 +405,14 @@ class Affine(Layer):
             u_h, self.term("abs+eps", eps_w, A.dtype, lambda: W.abs() + eps_w)
         )
         constant = self.bias_map(A).abs() + eps_b
-        entry = self.entry_roundings(A.dtype) + 4
+        entry, terms = self.entry_roundings(A.dtype), outputs
+        if bound.nonzeros is not None:
+            entry, terms = min(entry, bound.nonzeros + 1), min(terms, bound.nonzeros)
+        entry += 4
         if self.fan_out >= outputs:
             # One pass over |A|: the constant's larger gamma folded into its terms as a ratio (two
             # more roundings for the terms of the vector).
-            ratio = rounding.gamma_ratio(outputs + 4, entry, A.dtype)
+            ratio = rounding.gamma_ratio(terms + 4, entry, A.dtype)
             vector = coefficients + constant if ratio == 1 else coefficients + ratio * constant
             total = abs_dot(A, vector, abs_A)
             return step_slack(bound, [(total, entry, summed + 2)])
@@ -416,7 +421,7 @@ class Affine(Layer):
             bound,
             [
                 (abs_dot(A, coefficients, abs_A), entry, summed),
-                (abs_dot(A, constant.expand_as(coefficients), abs_A), outputs + 4, None),
+                (abs_dot(A, constant.expand_as(coefficients), abs_A), terms + 4, None),
             ],
         )
 

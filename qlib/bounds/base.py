@@ -374,7 +374,8 @@ class Flatten(Layer):
 
     def backward(self, bound: LinearBound, pert: Perturbation) -> LinearBound:
         lead = bound.A.shape[: bound.A.ndim - len(self.out_shape)]
-        return LinearBound(bound.A.reshape(*lead, *self.in_shape), bound.const, bound.slack)
+        A = bound.A.reshape(*lead, *self.in_shape)
+        return LinearBound(A, bound.const, bound.slack, bound.nonzeros)
 
     def perturbed(self, h: Tensor) -> Tensor:
         return h.flatten(1)

@@ -165,7 +165,7 @@ def margins_and_logits(
             # Their upper rows go along in the same pass, as extra samples.
             inputs = _restrict(net, boxes, torch.cat([torch.arange(n), ahead]), stop)
             spec = torch.cat([spec, -C[ahead]])
-        spec_bound = LinearBound(spec, spec.new_zeros(spec.shape[:2]))
+        spec_bound = LinearBound(spec, spec.new_zeros(spec.shape[:2]), nonzeros=2)
         # One class has no margin: nothing to back-substitute.
         low = (
             backsubstitute(net, len(net) - 1, spec_bound, inputs, pert, stop)
@@ -246,7 +246,12 @@ def _upper_where(
     sub = _restrict(net, boxes, idx, stop)
     rows = -C[idx]
     low = backsubstitute(
-        net, len(net) - 1, LinearBound(rows, rows.new_zeros(rows.shape[:2])), sub, pert, stop
+        net,
+        len(net) - 1,
+        LinearBound(rows, rows.new_zeros(rows.shape[:2]), nonzeros=2),
+        sub,
+        pert,
+        stop,
     )
     return _tighten_upper(margins, idx, low, ys)
 

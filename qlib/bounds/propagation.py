@@ -216,7 +216,7 @@ def identity_spec(shape: tuple[int, ...], like: Tensor) -> LinearBound:
         n *= s
     eye = torch.eye(n, dtype=like.dtype, device=like.device)
     A = torch.cat([eye, -eye]).reshape(2 * n, *shape)
-    return LinearBound(A, torch.zeros(2 * n, dtype=like.dtype, device=like.device))
+    return LinearBound(A, torch.zeros(2 * n, dtype=like.dtype, device=like.device), nonzeros=1)
 
 
 def chunk_size(n: int, rows: int, net: Sequence[Layer]) -> int:

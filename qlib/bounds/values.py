@@ -47,9 +47,12 @@ class LinearBound:
     no ReLU has been crossed); ``const`` is ``[N, S]`` or ``[S]``. ``slack`` (``[N, S]``, or None
     for zero) is the rounding error accumulated by the floating-point steps that produced ``A``
     and ``const``: subtracting it keeps the bound sound for the numbers actually computed
-    (``qlib.bounds.rounding``).
+    (``qlib.bounds.rounding``). ``nonzeros``: at most this many nonzero entries in each row of
+    ``A`` (``None``: any), for a spec's unit or difference rows, whose products with a layer's
+    weight round fewer times.
     """
 
     A: Tensor
     const: Tensor
     slack: Tensor | None = None
+    nonzeros: int | None = None
