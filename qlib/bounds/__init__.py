@@ -54,7 +54,7 @@ step, which takes ``A W l`` as ``A (W l)`` with that float64 base, so that the f
 coefficients meet only the box's width (``Affine.concretise``). The rigorous margins of the other
 steps (``gamma_n`` with ``u = 2^-24`` and ``n`` the roundings a coefficient passes through; the
 products over 256 or more outputs are summed in parts to keep ``n`` small, ``Linear.apply_t``
-and ``base.split_sum``) made the logit bounds of the MNIST 4x256 MLP 0.013-0.024 % looser
+and ``base.split_sum``) made the logit bounds of the MNIST 4x256 MLP 0.013-0.022 % looser
 (CROWN-IBP to ``crown``), above the 1e-4 the book accepts (``benchmarks/bench_bounds.py``);
 pass ``dtype=torch.float32`` when speed matters more.
 The differentiable path of certified training computes no margins (it needs gradients, not

@@ -328,6 +328,7 @@ def split_sum(x: Tensor) -> Tensor:
     return x.sum(-1) if c == k else x.unflatten(-1, (-1, c)).sum(-1).sum(-1)
 
 
+@functools.lru_cache(maxsize=256)
 def split_length(k: int, dtype: torch.dtype) -> int:
     """The block length of a split sum of ``k`` terms in ``dtype``: the largest divisor of ``k``
     up to 32, or ``k`` (no split) for float64, below 256 terms (where ``gamma_k`` is small

@@ -334,17 +334,17 @@ def _margin_vector(
     ``ratio >= gamma_{t+3} / gamma_3`` (``_fold_ratio``), so that ``ReLU.backward`` takes one
     pass over ``|A|`` instead of two (the fold's roundings are counted there).
 
-    A neuron with ``al = au = 1`` (stable and active) has no entry error: ``A * 1``, ``au - al =
-    0`` and ``A + A⁻ * 0`` are exact; nor has one with ``al = au = 0``, whose entry term is zero
-    already."""
+    A neuron with ``al = au = 1`` (stable and active) has no entry error: ``A * 1``,
+    ``au - al = 0`` and ``A + A⁻ * 0`` are exact; nor has one with ``al = au = 0``, whose entry
+    term is zero already."""
     inexact = 1 - _indicator(torch.eq, al, 1.0) * _indicator(torch.eq, au, 1.0)
     entries = (2 * al.abs() + au.abs()) * torch.maximum(lo.abs(), up.abs()) * inexact
     return entries + ratio * (2 * bl.abs() + bu.abs())
 
 
 def _fold_ratio(k: int, dtype: torch.dtype) -> float:
-    """A number of ``dtype`` at least ``gamma_{t+3} / gamma_3`` for ``t = split_terms(k, dtype)`` (see
-    ``_margin_vector``)."""
+    """A number of ``dtype`` at least ``gamma_{t+3} / gamma_3`` for ``t = split_terms(k, dtype)``
+    (see ``_margin_vector``)."""
     return rounding.gamma_ratio(split_terms(k, dtype) + 3, 3, dtype)
 
 
