@@ -361,6 +361,23 @@ def test_float32_back_substitution_of_a_cancelling_layer_keeps_its_width():
         assert float(width) <= float(ex_hi - ex_lo) * (1 + 1e-4), j
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_float32_bounds_of_a_wide_mlp_contain_attacked_networks(seed: int):
+    """On 256-wide layers float32 bounds sum in parts (halves of ``A W``, split constants and
+    concretisation, unit rows): every linear method must still contain the logits of attacked
+    networks, computed in float64, at a radius where the bounds are narrow enough for the
+    attack to come close (eps 2^-12 on every kind)."""
+    net = models.mlp([1, 8, 8], [256, 256], 10, seed=seed)
+    X = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+    pert = Perturbation.uniform(2.0**-12)
+    lo, hi = attack.attack_logits(net, X, pert, steps=4, vertices=4, seed=seed)
+    for method in ("crown-ibp", "crown-fast", "crown"):
+        lower, upper = bounds.logit_bounds(net, X, pert, method, dtype=torch.float32)
+        lower, upper = lower.double(), upper.double()
+        assert (lower <= lo).all() and (hi <= upper).all(), method
+        assert ((upper - lower) < 4 * (hi - lo) + 1e-3).all(), method  # not vacuous
+
+
 def test_float32_is_a_sound_and_close_bound():
     """float32 bounds carry float32 margins (gamma_n with u = 2^-24): never tighter than the
     float64 ones by more than float64's own margin, and looser by a small relative amount."""
