@@ -446,12 +446,15 @@ def test_float32_ibp_keeps_float64_tightness():
     assert 0 <= looser <= 1e-4, looser.item()
 
 
-def test_float32_convolution_bounds_are_sound_and_close():
+@pytest.mark.parametrize("side", [8, 16])
+def test_float32_convolution_bounds_are_sound_and_close(side: int):
     """A convolution's float32 paths (its base product stays float32, its back-substitution
-    coefficients take gamma of the outputs one input reaches): every float32 bound contains
-    the attacked networks and the float64 bound, up to float64's own margin, and is close."""
-    net = models.cnn([1, 8, 8], 3, channels=(4, 6), hidden=8, seed=3)
-    X = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    coefficients take gamma of the outputs one input reaches; at 16x16 the first feature map
+    has 256 elements, so its ReLU constants and concretisation are split sums): every float32
+    bound contains the attacked networks and the float64 bound, up to float64's own margin,
+    and is close."""
+    net = models.cnn([1, side, side], 3, channels=(4, 6), hidden=8, seed=3)
+    X = torch.rand(6, 1, side, side, generator=torch.Generator().manual_seed(3))
     pert = Perturbation.uniform(2.0**-9)
     lo, hi = attack.attack_logits(net, X, pert, steps=4, vertices=8, bits=(4,), seed=3)
     for method in bounds.METHODS:
