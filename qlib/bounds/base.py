@@ -34,6 +34,7 @@ __all__ = [
     "rowdot",
     "split_sum",
     "split_terms",
+    "splits",
     "clip_of",
     "as_float64",
     "converted",
@@ -328,13 +329,22 @@ def split_sum(x: Tensor) -> Tensor:
     return x.sum(-1) if c == k else x.unflatten(-1, (-1, c)).sum(-1).sum(-1)
 
 
+# Sums of fewer terms are not split (``split_length``, ``Linear.apply_t``): their ``gamma`` is
+# small enough that the extra pass costs more than it saves. Nor are float64 ones.
+SPLIT_FROM = 256
+
+
+def splits(k: int, dtype: torch.dtype) -> bool:
+    """Whether a sum of ``k`` terms in ``dtype`` may be summed in parts (``SPLIT_FROM``)."""
+    return dtype != torch.float64 and k >= SPLIT_FROM
+
+
 @functools.lru_cache(maxsize=256)
 def split_length(k: int, dtype: torch.dtype) -> int:
     """The block length of a split sum of ``k`` terms in ``dtype``: the largest divisor of ``k``
-    up to 32, or ``k`` (no split) for float64, below 256 terms (where ``gamma_k`` is small
-    enough that the second pass costs more than it saves, as for ``Linear.apply_t``) and where
-    that divisor is under 8 (short blocks cost more than they save)."""
-    if dtype == torch.float64 or k < 256:
+    up to 32, or ``k`` (no split) where ``splits`` says no, and where that divisor is under 8
+    (short blocks cost more than they save)."""
+    if not splits(k, dtype):
         return k
     c = max(d for d in range(1, min(k, 32) + 1) if k % d == 0)
     return c if c >= 8 else k

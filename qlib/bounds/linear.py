@@ -8,7 +8,7 @@ from torch import Tensor
 
 from qlib.bounds import rounding
 from qlib.bounds.affine import Affine, _differentiable
-from qlib.bounds.base import DERIVED, split_sum, split_terms, version
+from qlib.bounds.base import DERIVED, split_sum, split_terms, splits, version
 from qlib.bounds.memo import memo as _memo
 
 __all__ = ["Linear"]
@@ -32,10 +32,9 @@ class Linear(Affine):
         return (A[..., :half] @ weight[:half]).add_(A[..., half:] @ weight[half:])
 
     def _split_t(self, dtype: torch.dtype) -> bool:
-        """Whether ``apply_t`` sums in halves: with margins on, below float64 (whose margins are
-        too small to pay for it), for at least 256 outputs (below, the addition's pass costs
-        more against the product)."""
-        return rounding.enabled() and dtype != torch.float64 and self.module.out_features >= 256
+        """Whether ``apply_t`` sums in halves: with margins on, where ``base.splits`` allows it
+        over the outputs."""
+        return rounding.enabled() and splits(self.module.out_features, dtype)
 
     def entry_roundings(self, dtype: torch.dtype) -> int:
         if not self._split_t(dtype):
