@@ -162,8 +162,8 @@ def _check_against_exact(
 
 
 def test_wide_float32_layers_sum_in_parts_and_stay_sound():
-    """float32 back-substitution through a layer of 256 outputs sums ``A W`` in two halves
-    (``Linear.apply_t``), and the ReLU constants and the concretisation over 256 outputs in
+    """float32 back-substitution through a layer of 256 outputs sums ``A W`` in thirds
+    (``Linear.apply_t_in_parts``), and the ReLU constants and the concretisation over 256 outputs in
     blocks (``base.split_sum``), with margins for those fewer roundings. On a 3-256-16-256-1 MLP
     whose weights carry cancelling pairs (±1e3 beside weights near 0.05), the bounds still lie
     below the exact minima of the same relaxation. (A soundness check: a priori margins are far
@@ -187,17 +187,45 @@ def test_wide_float32_layers_sum_in_parts_and_stay_sound():
     ]
     model = _mlp(spec, torch.float32)
     net = bounds.layers(model, (3,))
-    assert net[4].entry_roundings(torch.float32) == 129  # halves: 128 + 1, not 256
+    assert net[4].entry_roundings(torch.float32) == 88  # thirds: 86 + 2 additions, not 256
+    assert net[4].entry_roundings(torch.float32, split=False) == 256
     assert net[4].entry_roundings(torch.float64) == 256
     x = torch.tensor([[0.3, 0.9, 0.55]])
     _check_against_exact(model, x, [Perturbation.uniform(2.0**-10)], ibp=False)
+
+
+def test_float32_rises_over_784_inputs_sum_in_quarters_and_contain_the_exact_interval():
+    """float32 IBP sums the rises of a layer with 784 inputs in quarters (196 terms each, then
+    three additions: 199 roundings and the width's, not 785), and its interval still contains
+    the exact one, on weights with cancelling ±1e3 pairs beside small ones, under weight and
+    bias radii."""
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(3, 784, generator=g) * 0.05
+    W[:, ::2] += 1e3
+    W[:, 1::2] -= 1e3
+    model = _mlp([(W.tolist(), [0.1, -0.2, 0.3])], torch.float32)
+    layer = bounds.layers(model, (784,))[0]
+    d = torch.full((1, 784), 2.0**-9)
+    both = torch.cat([W.clamp(min=0), W.clamp(max=0)])
+    product, roundings = layer.rises(d, both)
+    assert roundings == 196 + 3 + 1
+    assert torch.allclose(product, d @ both.T, rtol=1e-5)
+    x = torch.rand(1, 784, generator=g)
+    x[:, ::5] = 0.0  # clamped at 0: half the width
+    pert = Perturbation(2.0**-10, 2.0**-12, 1e-3, 0.0)
+    lo, hi = bounds.logit_bounds(model, x, pert, "ibp", dtype=torch.float32)
+    ex_lo, ex_hi = _exact_ibp(model, [F(float(v)) for v in x[0].double()], pert)
+    for j in range(3):
+        assert F(float(lo[0, j])) <= ex_lo[j] <= ex_hi[j] <= F(float(hi[0, j])), j
+    with rounding.outward(False):
+        assert layer.rises(d, both)[1] == 785
 
 
 def test_unit_rows_charge_the_roundings_of_their_nonzero_products():
     """A spec's unit rows ``±e_j`` select a row of the weight: every other product is an exact
     zero, and so is adding it, so the step's coefficients and constant round once or twice
     however the BLAS sums. The step's margin with ``nonzeros=1`` is that of two roundings, not
-    of the layer's 256 outputs (summed in halves); rows that are not marked keep the general
+    of the layer's 256 outputs (summed in thirds); rows that are not marked keep the general
     count. (The first
     step of every ``crown`` and ``crown-fast`` intermediate bound starts from such rows.)"""
     layer = bounds.layers(nn.Sequential(nn.Linear(8, 256), nn.ReLU(), nn.Linear(256, 3)), (8,))[0]
@@ -206,8 +234,8 @@ def test_unit_rows_charge_the_roundings_of_their_nonzero_products():
     pert = Perturbation.uniform(2.0**-10)
     marked = layer.step_slack(bounds.LinearBound(eye, torch.zeros(4), nonzeros=1), pert)
     plain = layer.step_slack(bounds.LinearBound(eye, torch.zeros(4)), pert)
-    # Against 128 + 1 (the halves of a 256-wide product) plus the weight term's: 20x less.
-    assert (marked < plain / 20).all()
+    # Against 86 + 2 (the thirds of a 256-wide product) plus the weight term's: 15x less.
+    assert (marked < plain / 15).all()
     # And the unit rows' coefficients really are the weight's rows, less the weight radius.
     A_in = layer.backward(bounds.LinearBound(eye, torch.zeros(4), nonzeros=1), pert).A
     eps = rounding.ceil(pert.eps_weight, torch.float32)
