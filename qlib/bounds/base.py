@@ -329,8 +329,9 @@ def split_sum(x: Tensor) -> Tensor:
     return x.sum(-1) if c == k else x.unflatten(-1, (-1, c)).sum(-1).sum(-1)
 
 
-# Sums of fewer terms are not split (``split_length``, ``Linear.apply_t``): their ``gamma`` is
-# small enough that the extra pass costs more than it saves. Nor are float64 ones.
+# Sums of fewer terms are not split (``split_length``, ``Linear.apply_t_in_parts``,
+# ``Linear.rises``): their ``gamma`` is small enough that the extra pass costs more than it
+# saves. Nor are float64 ones.
 SPLIT_FROM = 256
 
 
