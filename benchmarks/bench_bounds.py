@@ -70,9 +70,11 @@ def inputs(kind: str, n: int, seed: int) -> torch.Tensor:
     return torch.rand(n, 1, 28, 28, generator=gen)
 
 
-def model(name: str, progress: bool) -> torch.nn.Sequential:
+def model(
+    name: str, progress: bool, epochs: int | None = None, train_limit: int | None = None
+) -> torch.nn.Sequential:
     try:
-        return zoo.get(name, progress=progress)
+        return zoo.get(name, epochs=epochs, train_limit=train_limit, progress=progress)
     except (FileNotFoundError, KeyError, ValueError, OSError) as e:
         print(f"zoo model {name} unavailable ({e}); using an untrained 784-256-256-256-10 MLP")
         return models.mlp([1, 28, 28], [256, 256, 256], 10)
@@ -90,6 +92,10 @@ def main() -> None:
     p.add_argument("--n", type=int, default=10_000, help="number of inputs (default 10000)")
     p.add_argument("--data", choices=("mnist", "random"), default="mnist")
     p.add_argument("--model", default="mnist-mlp-4x256", help="qlib.zoo model name")
+    p.add_argument(
+        "--epochs", type=int, help="train the model this many epochs if not cached (quick runs)"
+    )
+    p.add_argument("--train-limit", type=int, help="training images, likewise")
     p.add_argument("--eps", type=float, default=1 / 1023, help="eps for all four kinds")
     p.add_argument(
         "--methods",
@@ -126,7 +132,7 @@ def main() -> None:
     p.add_argument("--progress", action="store_true")
     args = p.parse_args()
 
-    net = model(args.model, args.progress)
+    net = model(args.model, args.progress, args.epochs, args.train_limit)
     X = inputs(args.data, args.n, args.seed)
     pert = Perturbation.uniform(args.eps)
     names = ["ibp", *[m for m in args.methods if m != "ibp"]]
