@@ -226,8 +226,8 @@ def test_unit_rows_charge_the_roundings_of_their_nonzero_products():
     zero, and so is adding it, so the step's coefficients and constant round once or twice
     however the BLAS sums. The step's margin with ``nonzeros=1`` is that of two roundings, not
     of the layer's 256 outputs (summed in thirds); rows that are not marked keep the general
-    count. (The first
-    step of every ``crown`` and ``crown-fast`` intermediate bound starts from such rows.)"""
+    count. (The first step of every ``crown`` and ``crown-fast`` intermediate bound starts from
+    such rows.)"""
     layer = bounds.layers(nn.Sequential(nn.Linear(8, 256), nn.ReLU(), nn.Linear(256, 3)), (8,))[0]
     layer.inp = bounds.Interval(torch.zeros(2, 8), torch.ones(2, 8))
     eye = torch.eye(256)[:4]

@@ -165,7 +165,7 @@ def margins_and_logits(
             # Their upper rows go along in the same pass, as extra samples.
             inputs = _restrict(net, boxes, torch.cat([torch.arange(n), ahead]), stop)
             spec = torch.cat([spec, -C[ahead]])
-        spec_bound = LinearBound(spec, spec.new_zeros(spec.shape[:2]), nonzeros=2)
+        spec_bound = _spec_rows(spec)
         # One class has no margin: nothing to back-substitute.
         low = (
             backsubstitute(net, len(net) - 1, spec_bound, inputs, pert, stop)
@@ -216,6 +216,12 @@ def _restrict(
     return sub
 
 
+def _spec_rows(rows: Tensor) -> LinearBound:
+    """Spec rows ``[n, S, C]`` as a bound with zero constant: differences ``±(e_y - e_j)`` and unit
+    rows ``±e_j``, so at most two nonzero entries per row (``LinearBound.nonzeros``)."""
+    return LinearBound(rows, rows.new_zeros(rows.shape[:2]), nonzeros=2)
+
+
 def _tighten_upper(margins: Interval, idx: Tensor, low: Tensor, ys: Tensor) -> Interval:
     """``margins`` with the upper margins of samples ``idx`` tightened by ``-low`` [len(idx), C-1],
     the lower bounds of their rows ``e_j - e_y``."""
@@ -245,14 +251,7 @@ def _upper_where(
         return margins
     sub = _restrict(net, boxes, idx, stop)
     rows = -C[idx]
-    low = backsubstitute(
-        net,
-        len(net) - 1,
-        LinearBound(rows, rows.new_zeros(rows.shape[:2]), nonzeros=2),
-        sub,
-        pert,
-        stop,
-    )
+    low = backsubstitute(net, len(net) - 1, _spec_rows(rows), sub, pert, stop)
     return _tighten_upper(margins, idx, low, ys)
 
 
