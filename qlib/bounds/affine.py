@@ -406,9 +406,9 @@ class Affine(Layer):
         reaches, ``fan_out``, or fewer where ``apply_t_in_parts`` splits the sum), plus the
         weight term's three; the constant sums over all outputs. Rows with at most ``k =
         bound.nonzeros`` nonzero entries take at most ``k + 1`` and ``k`` instead: their other
-        products are exact zeros, and adding a zero is exact in any order. The evaluation on absolute values passes
-        each term through ``fan_in`` more roundings (the product with ``u_h``). ``abs_A``:
-        ``|A|`` if the caller has it (any shape with ``A``'s elements)."""
+        products are exact zeros, and adding a zero is exact in any order. The evaluation on
+        absolute values passes each term through ``fan_in`` more roundings (the product with
+        ``u_h``). ``abs_A``: ``|A|`` if the caller has it (any shape with ``A``'s elements)."""
         if not rounding.enabled():
             return bound.slack
         A = bound.A
