@@ -40,12 +40,13 @@ check: setup
 	$(BIN)/python -m qlib.book check _build/html
 
 # Lint first: CI enforces one formatting and ruff's checks before running any test.
-# Two workers, one torch thread each, a test file per worker (tests of a file share fixtures, and
-# the notebooks' file builds the book from its own executions): on 2 cores the serial run kept
+# Two workers, one torch thread each, a test file per worker at a time, the files in the order
+# tests/conftest.py gives (the two files of notebook runs first): on 2 cores the serial run kept
 # one core idle while a notebook's kernel ran, and two 2-thread workers would oversubscribe.
 TEST_WORKERS ?= 2
 test: setup lint
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
+		--no-loadscope-reorder --durations=15
 
 lab: setup
 	$(BIN)/jupyter lab notebooks/
