@@ -3,6 +3,7 @@ import fcntl
 import json
 import os
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -83,17 +84,10 @@ def quick_run(executed_dir, book_cache):
     another executes it waits for that run (a lock per notebook). Returns the outcome."""
 
     def run(stem: str) -> book.Outcome:
-        with _locked(executed_dir / f"{stem}.lock"):
-            old = os.environ.get("QLIB_CACHE")
-            os.environ["QLIB_CACHE"] = str(book_cache)
-            try:
-                # Not forced: a notebook executed in this run is up to date (its key matches).
-                return book.execute(stem, "quick", out_dir=executed_dir)
-            finally:
-                if old is None:
-                    del os.environ["QLIB_CACHE"]
-                else:
-                    os.environ["QLIB_CACHE"] = old
+        cache = {"QLIB_CACHE": str(book_cache)}  # the kernel inherits it
+        with _locked(executed_dir / f"{stem}.lock"), mock.patch.dict(os.environ, cache):
+            # Not forced: a notebook executed in this run is up to date (its key matches).
+            return book.execute(stem, "quick", out_dir=executed_dir)
 
     return run
 
