@@ -22,6 +22,16 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
+def pytest_generate_tests(metafunc):
+    """A test taking ``chapter`` runs for each notebook of its file's half of the book: the
+    exploration part's chapters (30-34, which share the Fashion CNN) in the second file of
+    ``LONGEST_FIRST``, every other chapter in the first."""
+    if "chapter" in metafunc.fixturenames:
+        exploration = metafunc.definition.path.name == LONGEST_FIRST[1]
+        stems = [s for s in book.toc_notebooks() if s.startswith("3") == exploration]
+        metafunc.parametrize("chapter", stems)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Each test trains into its own cache so tests never read a stale or foreign checkpoint."""

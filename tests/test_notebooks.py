@@ -35,11 +35,10 @@ def test_unknown_profile_or_notebook_is_an_error():
 
 
 @pytest.mark.notebook
-@pytest.mark.parametrize("stem", [s for s in STEMS if not s.startswith("3")])
-def test_notebook_runs_under_quick_profile(stem, quick_notebook):
+def test_notebook_runs_under_quick_profile(chapter, quick_notebook):
     """The chapters but the exploration's (tests/test_notebooks_exploration.py: another file,
-    so that another worker runs them)."""
-    quick_notebook(stem)
+    so that another worker runs them; ``chapter`` comes from tests/conftest.py)."""
+    quick_notebook(chapter)
 
 
 @pytest.mark.notebook
