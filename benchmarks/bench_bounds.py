@@ -13,7 +13,12 @@ each round so that they see the same machine load), time relative to IBP and the
 The limit is measured too: ``qlib.attack`` drives each logit up and down on the first
 ``--attack-n`` inputs (PGD from the nominal network and from the vertex that the
 ``--attack-guided`` method's relaxation names), and each method's mean width on those inputs is
-divided by the attack's (no sound bound can go below 1). Methods marked ``f32`` compute in float32
+divided by the attack's (no sound bound can go below 1). The attack only finds widths that
+some perturbed network reaches, so it is a lower end of the limit; the exact MILP (``qlib.milp``,
+HiGHS) gives the upper end: on the first ``--milp-n`` inputs it minimises and maximises the first
+``--milp-logits`` logits within ``--milp-limit`` seconds per solve, and its proven bounds (within
+the solver's tolerances) and its best points (networks replayed, so reached) bracket the true
+width, and with it each method's distance from the limit. Methods marked ``f32`` compute in float32
 with float32 margins. Targets: IBP < 2 s; a method within 1.3x of the attack's width at <= 20x
 IBP's time; float32 >= 1.8x faster than float64 and <= 1e-4 (relative) looser. The slow ``crown
 (...)`` variants run on fewer inputs and are scaled to N. With ``--data mnist`` the test images are
@@ -24,13 +29,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import time
 from pathlib import Path
 
 import torch
 
-from qlib import attack, bounds, data, models, zoo
+from qlib import attack, bounds, data, milp, models, zoo
 from qlib.quant import Perturbation
 
 Crown, Fast = bounds.CrownOptions, bounds.FastOptions
@@ -78,6 +84,56 @@ def model(
     except (FileNotFoundError, KeyError, ValueError, OSError) as e:
         print(f"zoo model {name} unavailable ({e}); using an untrained 784-256-256-256-10 MLP")
         return models.mlp([1, 28, 28], [256, 256, 256], 10)
+
+
+def limit_bracket(net, X, pert, lo_a, hi_a, widths: dict, args) -> dict | None:
+    """The true width of the first logits of the first inputs between what a network reaches
+    (the attack's and the MILP's best points) and what the MILP proves, and each method's width
+    on the same logits."""
+    n_img, n_log = min(args.milp_n, len(lo_a)), min(args.milp_logits, lo_a.shape[1])
+    if n_img <= 0 or n_log <= 0:
+        return None
+    t0 = time.perf_counter()
+    cells = []
+    for i in range(n_img):
+        _, solves = milp.image_logits(
+            net, X[i], pert, time_limit=args.milp_limit, classes=range(n_log)
+        )
+        for j in range(n_log):
+            low, high = solves[2 * j], solves[2 * j + 1]
+            # A replayed MILP point is a network too (NaN: the solver found none in time).
+            lows = [lo_a[i, j].item(), *[v for v in [low.primal] if math.isfinite(v)]]
+            highs = [hi_a[i, j].item(), *[v for v in [high.primal] if math.isfinite(v)]]
+            cells.append(
+                {
+                    "image": i,
+                    "logit": j,
+                    "attack_width": (hi_a[i, j] - lo_a[i, j]).item(),
+                    "reached_width": max(highs) - min(lows),
+                    "proven_width": high.bound - low.bound,
+                    "optimal": low.status == high.status == "optimal",
+                    "solve_seconds": low.seconds + high.seconds,
+                }
+            )
+    reached = sum(c["reached_width"] for c in cells) / len(cells)
+    proven = sum(c["proven_width"] for c in cells) / len(cells)
+    methods = {}
+    for name, w in widths.items():
+        mean = sum(w[c["image"], c["logit"]].item() for c in cells) / len(cells)
+        # The method's width over the true one lies between these two.
+        methods[name] = {"x_proven": mean / proven, "x_reached": mean / reached}
+    print(
+        f"MILP ({args.milp_limit:g} s per solve, {len(cells)} logits, "
+        f"{time.perf_counter() - t0:.0f} s): the true mean width lies in [{reached:.4f}, "
+        f"{proven:.4f}]"
+    )
+    return {
+        "limit_s": args.milp_limit,
+        "cells": cells,
+        "reached_mean_width": reached,
+        "proven_mean_width": proven,
+        "methods": methods,
+    }
 
 
 def timed(fn) -> tuple[float, object]:
@@ -128,6 +184,11 @@ def main() -> None:
         choices=["crown", "crown-ibp", "none"],
         help="linear method whose relaxation seeds one more PGD run per objective",
     )
+    p.add_argument(
+        "--milp-n", type=int, default=1, help="inputs whose limit the exact MILP brackets (0: none)"
+    )
+    p.add_argument("--milp-logits", type=int, default=2, help="logits per input, from logit 0")
+    p.add_argument("--milp-limit", type=float, default=60.0, help="seconds per MILP solve")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action="store_true")
     args = p.parse_args()
@@ -163,6 +224,7 @@ def main() -> None:
     print(
         f"attack: mean logit width {attack_width:.4f} on {m} inputs ({time.perf_counter() - t0:.0f} s)"
     )
+    bracket = limit_bracket(net, X, pert, lo_a, hi_a, widths, args)
     rows = []
     for name in names:
         n = size(name)
@@ -208,6 +270,7 @@ def main() -> None:
         "attack_n": m,
         "attack_mean_width": attack_width,
         "rows": rows,
+        "milp": bracket,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
