@@ -214,6 +214,30 @@ def test_certifier_reuses_the_nominal_logits_until_the_weights_change(prepared):
         bounds.worst_case_discrepancy(model, cert.X, cert.y, box, logits=first[:, :3])
 
 
+def test_bounds_after_a_certificate_run_outside_inference_mode(prepared):
+    """A certificate runs in inference mode and leaves inference tensors in the caches of the
+    model it bounds (converted weights, value snapshots). Ordinary bounds on that model
+    afterwards, in both formats and with gradients, must work and equal those of a model that
+    never met a certifier."""
+    ev = prepared.evaluator
+    net, fresh = copy.deepcopy(ev.float_model), copy.deepcopy(ev.float_model)
+    box = ev.box([10] * 6)
+    cert = certify.Certifier(ev.certifier.X, ev.certifier.y, "crown-ibp", dtype="float32")
+    assert cert(net, box).status == "certified"
+    X = cert.X[:8]
+    for dtype in (torch.float32, torch.float64):
+        for method in ("ibp", "crown-ibp", "crown"):
+            lo, hi = bounds.logit_bounds(net, X, box, method, dtype=dtype)
+            ref = bounds.logit_bounds(fresh, X, box, method, dtype=dtype)
+            assert not lo.is_inference()
+            assert torch.equal(lo, ref[0]) and torch.equal(hi, ref[1]), (method, dtype)
+    for p in net.parameters():
+        p.requires_grad_(True)
+    lo, hi = bounds.logit_bounds(net, X.double(), box, "crown-ibp", differentiable=True)
+    (hi - lo).sum().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in net.parameters())
+
+
 def test_errors_name_the_layer_key_or_method(prepared, workload):
     ev = prepared.evaluator
     with pytest.raises(certify.CertifyError, match="layers: conv"):
