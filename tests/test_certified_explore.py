@@ -224,6 +224,7 @@ def test_bounds_after_a_certificate_run_outside_inference_mode(prepared):
     box = ev.box([10] * 6)
     cert = certify.Certifier(ev.certifier.X, ev.certifier.y, "crown-ibp", dtype="float32")
     assert cert(net, box).status == "certified"
+    assert not cert.nominal(net).is_inference()
     X = cert.X[:8]
     for dtype in (torch.float32, torch.float64):
         for method in ("ibp", "crown-ibp", "crown"):

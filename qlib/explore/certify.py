@@ -241,7 +241,9 @@ class Certifier:
         versions = tuple(version(p) for p in model.parameters())
         hit = self._nominal
         if hit is None or hit[0]() is not model or hit[1] != versions:
-            with torch.no_grad():
+            # An ordinary tensor even when a certificate (inference mode) asks first: a caller
+            # may change what this returns in place.
+            with torch.inference_mode(False), torch.no_grad():
                 hit = self._nominal = (
                     weakref.ref(model),
                     versions,
