@@ -90,7 +90,9 @@ def limit_bracket(net, X, pert, lo_a, hi_a, widths: dict, args) -> dict | None:
     """The true width of the first logits of the first inputs between what a network reaches
     (the attack's and the MILP's best points) and what the MILP proves, and each method's width
     on the same logits."""
-    n_img, n_log = min(args.milp_n, len(lo_a)), min(args.milp_logits, lo_a.shape[1])
+    # Only inputs that every method bounded (the slow ones run on fewer) and the attack reached.
+    n_img = min(args.milp_n, len(lo_a), *(len(w) for w in widths.values()))
+    n_log = min(args.milp_logits, lo_a.shape[1])
     if n_img <= 0 or n_log <= 0:
         return None
     t0 = time.perf_counter()
