@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from qlib import attack, bounds, data, milp, models, zoo
@@ -103,25 +103,25 @@ def limit_bracket(net, X, pert, lo_a, hi_a, widths: dict, args) -> dict | None:
         )
         for j in range(n_log):
             low, high = solves[2 * j], solves[2 * j + 1]
-            # A replayed MILP point is a network too (NaN: the solver found none in time).
-            lows = [lo_a[i, j].item(), *[v for v in [low.primal] if math.isfinite(v)]]
-            highs = [hi_a[i, j].item(), *[v for v in [high.primal] if math.isfinite(v)]]
+            # A replayed MILP point is a network too (nan: the solver found none in time).
+            top = np.nanmax([hi_a[i, j].item(), high.primal])
+            bottom = np.nanmin([lo_a[i, j].item(), low.primal])
             cells.append(
                 {
                     "image": i,
                     "logit": j,
                     "attack_width": (hi_a[i, j] - lo_a[i, j]).item(),
-                    "reached_width": max(highs) - min(lows),
+                    "reached_width": float(top - bottom),
                     "proven_width": high.bound - low.bound,
                     "optimal": low.status == high.status == "optimal",
                     "solve_seconds": low.seconds + high.seconds,
                 }
             )
-    reached = sum(c["reached_width"] for c in cells) / len(cells)
-    proven = sum(c["proven_width"] for c in cells) / len(cells)
+    reached = float(np.mean([c["reached_width"] for c in cells]))
+    proven = float(np.mean([c["proven_width"] for c in cells]))
     methods = {}
     for name, w in widths.items():
-        mean = sum(w[c["image"], c["logit"]].item() for c in cells) / len(cells)
+        mean = float(np.mean([w[c["image"], c["logit"]].item() for c in cells]))
         # The method's width over the true one lies between these two.
         methods[name] = {"x_proven": mean / proven, "x_reached": mean / reached}
     print(
