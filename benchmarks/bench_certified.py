@@ -12,7 +12,9 @@
    costs at most the accuracy evaluation (an evaluation at most 2x) on the Fashion MLP workload
    with ``crown-ibp`` over 256 images. The accuracy and the certificate are timed back to back
    per genome, as an exploration calls them, and the variants after them. Measured with torch's
-   threads, then again with one thread, as each Dask worker of an exploration runs.
+   threads, then again with one thread, as each Dask worker of an exploration runs. The tensor
+   operations of one more genome's certificate and accuracy evaluation are counted
+   (``tensor_operations``).
    Then the same two times per genome of the workload's own NSGA-II search, where genomes share
    bit widths and the certifier reuses repeated layers' intervals.
 2. Start-up to the first evaluation of ``workloads/digits_tiny.yaml`` in a fresh interpreter,
@@ -29,7 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +84,24 @@ def torch_threads(threads: int | None) -> Iterator[int]:
         yield torch.get_num_threads()
     finally:
         torch.set_num_threads(old)
+
+
+def tensor_operations(call: Callable[[], object]) -> int:
+    """How many tensor operations ``call()`` issues: each operator call that reaches torch's
+    dispatcher from Python-level code, as a dispatch mode sees it (views and conversions
+    included; the kernels an operator runs inside itself are not counted again)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count() as count:
+        call()
+    return count.calls
 
 
 def certified_cost(workload: Path, n: int, threads: int | None = None) -> dict:
@@ -144,6 +164,13 @@ def _certified_cost(workload: Path, n: int) -> dict:
             if name != "workload":
                 seconds[name].append(time.perf_counter() - t0)
             values[name].append(c.value)
+    # One more random genome, counted rather than timed: a certificate is many small tensor
+    # operations, the accuracy evaluation fewer and larger ones.
+    probe = [int(v) for v in rng.integers(low, w.bits.upper + 1, n_genes)]
+    operations = {
+        "accuracy": tensor_operations(lambda: ev.accuracy(probe)),
+        "certificate": tensor_operations(lambda: ev.certify(probe)),
+    }
     acc = statistics.median(acc_s)
     sound = [v for name, v in values.items() if name != UNSOUND]
     useful = [i for i in range(n) if min(v[i] for v in sound) < 1.0]
@@ -167,6 +194,7 @@ def _certified_cost(workload: Path, n: int) -> dict:
             for name in variants
         },
         "without_margins": UNSOUND,  # the name of the variant that is not a certificate
+        "operations": operations,
         "uncertifiable": statuses.count("uncertifiable"),
         "genomes": n,
     }
