@@ -104,6 +104,41 @@ def tensor_operations(call: Callable[[], object]) -> int:
     return count.calls
 
 
+def batch_share(evaluator, genomes: list[list[int]], copies: int = 10) -> dict:
+    """What certifying ``copies`` genomes in one batch would cost per genome, at best: each of
+    ``genomes[1:]`` certified on the certification images (ms), against one certificate over
+    those images repeated ``copies`` times under the same box, divided by ``copies``. A batch of
+    genomes does the same work as the repeats, and more (each sample its own radii), so the
+    saving is an upper bound. ``genomes`` share their first layer's bits, and both certifiers
+    meet ``genomes[0]`` first, so that both reuse its interval as a search does; each certifier
+    is a fresh copy, so nothing else is remembered. Timed alternately, medians."""
+    import dataclasses
+
+    import torch
+
+    cert = evaluator.certifier
+    X, y = cert.X, cert.y
+    one = dataclasses.replace(cert)
+    many = dataclasses.replace(cert, X=X.repeat(copies, *([1] * (X.ndim - 1))), y=y.repeat(copies))
+    model = evaluator.float_model
+    for c in (one, many):
+        c(model, evaluator.box(genomes[0]))
+    single, batched = [], []
+    for k, genome in enumerate(genomes[1:]):
+        box = evaluator.box(genome)
+        for which in (one, many) if k % 2 else (many, one):
+            t0 = time.perf_counter()
+            which(model, box)
+            seconds = time.perf_counter() - t0
+            (single if which is one else batched).append(seconds)
+    return {
+        "single_ms": 1e3 * statistics.median(single),
+        "batched_ms_per_genome": 1e3 * statistics.median(batched) / copies,
+        "copies": copies,
+        "threads": torch.get_num_threads(),
+    }
+
+
 def certified_cost(workload: Path, n: int, threads: int | None = None) -> dict:
     """Median seconds of the accuracy evaluation and of the certificate over ``n`` genomes: the
     workload's method, dtype and stop, then the alternatives, each with its median certified
