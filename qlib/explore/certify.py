@@ -257,7 +257,7 @@ class Certifier:
 
     def __call__(self, model: nn.Sequential, box: LayerPerturbation) -> Certificate:
         t0 = time.perf_counter()
-        # Inference mode, not just no_grad: a certificate is some thousands of small operations,
+        # Inference mode, not just no_grad: a certificate is over a thousand small operations,
         # and skipping autograd's bookkeeping (version counters, views) took about a tenth off
         # it on the Fashion MLP with one thread or two (the accuracy evaluation, a few large
         # products, gained nothing). Whatever it leaves in caches is an inference tensor, which
